@@ -1,0 +1,90 @@
+// The block layer's contract. No NBD knowledge lives here: errors are
+// errno-style (BlockError.code is an errno name such as 'EIO'), offsets and
+// lengths are plain numbers of bytes (safe integers: up to 8 PiB).
+
+/** An errno-style failure from storage. `code` is the errno name. */
+export class BlockError extends Error {
+  readonly code: string;
+  constructor(code: string, message?: string) {
+    super(message ?? code);
+    this.name = 'BlockError';
+    this.code = code;
+  }
+}
+
+/** One run of equal allocation state. */
+export interface Extent {
+  /** Bytes this run covers; always > 0. */
+  length: number;
+  /** True when no storage backs the range (reads return zeroes). */
+  hole: boolean;
+  /** True when the range is known to read as all zeroes. */
+  zero: boolean;
+}
+
+export interface WriteOptions {
+  /** Force unit access: the data is durable before the promise resolves. */
+  fua?: boolean;
+}
+
+export interface ZeroOptions extends WriteOptions {
+  /** Keep the range allocated (do not punch a hole). */
+  noHole?: boolean;
+  /** Fail with ENOTSUP rather than fall back to a slow write of zeroes. */
+  fast?: boolean;
+}
+
+/** What a node can do; fixed once the node is open. */
+export interface BlockCapabilities {
+  /** Writes are allowed. */
+  writable: boolean;
+  /** flush() does something useful (false for a volatile memory disk is still allowed to flush). */
+  canFlush: boolean;
+  /** trim() may deallocate; when false trim() is a successful no-op. */
+  canTrim: boolean;
+  /** writeZeroes() with fast=true can ever succeed. */
+  canFastZero: boolean;
+  /** extents() reports real allocation rather than "all data". */
+  canExtents: boolean;
+  /** cache() prefetches. */
+  canCache: boolean;
+}
+
+/**
+ * A block device shared by every connection to an export. Implementations
+ * hold no per-caller state: once a write's promise has resolved, every
+ * later read from any caller sees it; flush() makes every write that has
+ * already resolved durable.
+ *
+ * Callers guarantee offset >= 0, length >= 0 and offset + length <= size;
+ * the checks live in one wrapper (see node.ts), not in each backend.
+ */
+export interface BlockNode {
+  readonly size: number;
+  readonly capabilities: BlockCapabilities;
+  /** Read `length` bytes at `offset` into a new or supplied buffer. */
+  read(offset: number, length: number, into?: Buffer): Promise<Buffer>;
+  write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void>;
+  flush(): Promise<void>;
+  /** Discard a range; afterwards it reads as zeroes or as before (advisory). */
+  trim(offset: number, length: number, opts?: WriteOptions): Promise<void>;
+  writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void>;
+  /** Prefetch a range; advisory. */
+  cache(offset: number, length: number): Promise<void>;
+  /**
+   * Allocation of [offset, offset+length): runs in order starting at
+   * `offset`, covering at least one byte and at most `length` bytes.
+   * `maxExtents` (optional) bounds the number of runs; a capped answer
+   * simply covers fewer bytes.
+   */
+  extents(offset: number, length: number, maxExtents?: number): Promise<Extent[]>;
+  /** Flush (when writable) and release resources. Idempotent. */
+  close(): Promise<void>;
+}
+
+/** How the host page cache is used (qemu's -t/--cache). none/directsync open with O_DIRECT. */
+export type CacheMode = 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
+/** Whether trim (and zeroing without NO_HOLE) may deallocate (qemu's --discard). */
+export type DiscardMode = 'ignore' | 'unmap';
+/** Whether all-zero writes become zero requests (qemu's --detect-zeroes). */
+export type DetectZeroesMode = 'off' | 'on' | 'unmap';

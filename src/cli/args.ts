@@ -1,0 +1,142 @@
+// The command line: qemu-nbd's flags (same letters, same meanings) turned
+// into one typed configuration. Every mistake is a UsageError: one line,
+// exit status 1, no stack trace.
+import yargs from 'yargs';
+import type { LogLevel } from '../server/log.ts';
+import { parseInteger, parseSize, UsageError } from './size.ts';
+
+export type CacheMode = 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
+export type DiscardMode = 'ignore' | 'unmap';
+export type DetectZeroes = 'off' | 'on' | 'unmap';
+
+export type ImageSpec = { kind: 'file'; path: string } | { kind: 'memory'; size: number };
+
+export interface Config {
+  image: ImageSpec;
+  /** The name the user gave, for messages. */
+  imageName: string;
+  format: 'raw' | undefined;
+  socket: string | undefined;
+  bind: string;
+  port: number;
+  shared: number;
+  persistent: boolean;
+  readOnly: boolean;
+  exportName: string;
+  description: string;
+  offset: number;
+  discard: DiscardMode;
+  detectZeroes: DetectZeroes;
+  cache: CacheMode;
+  pidFile: string | undefined;
+  printUri: boolean;
+  logLevel: LogLevel;
+}
+
+export const DEFAULT_PORT = 10809;
+
+const CACHE_MODES: readonly CacheMode[] = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
+// qemu accepts on/off as aliases for unmap/ignore.
+const DISCARD_MODES: Record<string, DiscardMode> = { ignore: 'ignore', off: 'ignore', unmap: 'unmap', on: 'unmap' };
+const DETECT_ZEROES: readonly DetectZeroes[] = ['off', 'on', 'unmap'];
+
+function choice<T extends string>(value: unknown, what: string, allowed: readonly T[]): T {
+  const text = String(value);
+  if (!(allowed as readonly string[]).includes(text)) throw new UsageError(`invalid ${what} '${text}' (expected ${allowed.join(', ')})`);
+  return text as T;
+}
+
+function parser(argv: string[]) {
+  return yargs(argv)
+    .scriptName('nbd-export')
+    .usage('Usage: $0 [OPTIONS] FILENAME\n\nServe FILENAME (a raw disk image or block device, or memory:SIZE for a sparse\nin-memory disk) over NBD. Flags follow qemu-nbd.')
+    .option('bind', { alias: 'b', type: 'string', default: '0.0.0.0', describe: 'address to listen on (IPv4 or IPv6)' })
+    .option('port', { alias: 'p', type: 'string', default: String(DEFAULT_PORT), describe: 'TCP port to listen on (0 picks a free one)' })
+    .option('socket', { alias: 'k', type: 'string', describe: 'listen on this Unix socket instead of TCP' })
+    .option('shared', { alias: 'e', type: 'string', default: '1', describe: 'clients served at once (0 = unlimited); more than 1 advertises multi-conn' })
+    .option('persistent', { alias: 't', type: 'boolean', default: false, describe: "don't exit when the last client disconnects" })
+    .option('read-only', { alias: 'r', type: 'boolean', default: false, describe: 'export read-only' })
+    .option('export-name', { alias: 'x', type: 'string', default: '', describe: 'export name' })
+    .option('description', { alias: 'D', type: 'string', default: '', describe: 'export description' })
+    .option('format', { alias: 'f', type: 'string', describe: 'image format (raw)' })
+    .option('offset', { alias: 'o', type: 'string', default: '0', describe: 'bytes to skip at the start of the image' })
+    .option('discard', { type: 'string', default: 'ignore', describe: 'trim requests: ignore|unmap' })
+    .option('detect-zeroes', { type: 'string', default: 'off', describe: 'turn writes of zeroes into zero requests: off|on|unmap' })
+    .option('cache', { type: 'string', default: 'writeback', describe: 'none|writeback|writethrough|directsync|unsafe' })
+    .option('nocache', { alias: 'n', type: 'boolean', default: false, describe: 'same as --cache=none' })
+    .option('pid-file', { type: 'string', describe: 'write the server pid here; removed at exit' })
+    .option('print-uri', { type: 'boolean', default: false, describe: 'print the NBD URI on stdout once listening' })
+    .option('verbose', { alias: 'v', type: 'count', describe: 'more log output (-v info, -vv debug)' })
+    .option('quiet', { alias: 'q', type: 'boolean', default: false, describe: 'errors only' })
+    .strictOptions()
+    .parserConfiguration({ 'duplicate-arguments-array': false })
+    .version(false)
+    .help(false)
+    .option('help', { alias: 'h', type: 'boolean', default: false, describe: 'show this help' })
+    .wrap(100)
+    .exitProcess(false)
+    .fail((msg, err) => {
+      throw err ?? new UsageError(msg);
+    });
+}
+
+/** Parse argv; returns null when --help was printed. */
+export function parseArgs(argv: string[]): Config | null {
+  const y = parser(argv);
+  const args = y.parseSync();
+  if (args.help) {
+    y.showHelp((s) => process.stdout.write(`${s}\n`));
+    return null;
+  }
+
+  const positional = args._.map(String);
+  if (positional.length === 0) throw new UsageError('missing FILENAME (a raw image, a block device, or memory:SIZE)');
+  if (positional.length > 1) throw new UsageError(`unexpected argument '${positional[1]}' (one FILENAME only)`);
+  const imageName = positional[0]!;
+  const image: ImageSpec = imageName.startsWith('memory:')
+    ? { kind: 'memory', size: parseSize(imageName.slice('memory:'.length), 'memory disk size') }
+    : { kind: 'file', path: imageName };
+
+  let format: Config['format'];
+  if (args.format !== undefined) {
+    if (args.format !== 'raw') throw new UsageError(`format '${args.format}' is not supported (only raw)`);
+    format = 'raw';
+  }
+
+  const discard = DISCARD_MODES[String(args.discard)];
+  if (discard === undefined) throw new UsageError(`invalid --discard '${args.discard}' (expected ignore or unmap)`);
+  const detectZeroes = choice(args['detect-zeroes'], '--detect-zeroes', DETECT_ZEROES);
+  // qemu-nbd refuses this combination too: unmapping needs discard.
+  if (detectZeroes === 'unmap' && discard !== 'unmap') throw new UsageError('--detect-zeroes=unmap requires --discard=unmap');
+  const cache = args.nocache ? 'none' : choice(args.cache, '--cache', CACHE_MODES);
+
+  const socket = args.socket;
+  const explicit = (name: string) => argv.some((a) => a === name || a.startsWith(`${name}=`));
+  if (socket !== undefined && (explicit('--port') || explicit('-p') || explicit('--bind') || explicit('-b'))) {
+    throw new UsageError('--socket cannot be combined with --port or --bind');
+  }
+
+  const offset = parseSize(String(args.offset), '--offset');
+  if (image.kind === 'memory' && offset !== 0) throw new UsageError('--offset applies to files, not memory disks');
+
+  return {
+    image,
+    imageName,
+    format,
+    socket,
+    bind: args.bind,
+    port: parseInteger(args.port, '--port', 0, 65535),
+    shared: parseInteger(args.shared, '--shared', 0, 2 ** 31 - 1),
+    persistent: args.persistent,
+    readOnly: args['read-only'],
+    exportName: args['export-name'],
+    description: args.description,
+    offset,
+    discard,
+    detectZeroes,
+    cache,
+    pidFile: args['pid-file'],
+    printUri: args['print-uri'],
+    logLevel: args.quiet ? 'error' : args.verbose >= 2 ? 'debug' : args.verbose === 1 ? 'info' : 'warn',
+  };
+}

@@ -1,0 +1,79 @@
+// An accumulating read buffer for a stream parser (the idea of ws's
+// receiver): chunks are kept as they arrived and copied only when a field
+// spans two of them, so a write payload that came in one chunk is used in
+// place. Pure: the server pushes bytes, the parsers pull.
+
+export class ByteQueue {
+  #chunks: Buffer[] = [];
+  #head = 0; // bytes already consumed from #chunks[0]
+  #length = 0;
+
+  get length(): number {
+    return this.#length;
+  }
+
+  push(chunk: Buffer): void {
+    if (chunk.length === 0) return;
+    this.#chunks.push(chunk);
+    this.#length += chunk.length;
+  }
+
+  /** The next `n` bytes without consuming them; caller checks length first. */
+  peek(n: number): Buffer {
+    if (n > this.#length) throw new RangeError(`peek(${n}) with ${this.#length} buffered`);
+    const first = this.#chunks[0];
+    if (first !== undefined && first.length - this.#head >= n) {
+      return first.subarray(this.#head, this.#head + n);
+    }
+    return this.#gather(n, false);
+  }
+
+  /** Consume and return the next `n` bytes (in place when they lie in one chunk). */
+  take(n: number): Buffer {
+    if (n > this.#length) throw new RangeError(`take(${n}) with ${this.#length} buffered`);
+    const first = this.#chunks[0];
+    if (first !== undefined && first.length - this.#head >= n) {
+      const out = first.subarray(this.#head, this.#head + n);
+      this.#advance(n);
+      return out;
+    }
+    return this.#gather(n, true);
+  }
+
+  /** Consume up to `n` bytes, returning how many were dropped. */
+  skip(n: number): number {
+    const count = Math.min(n, this.#length);
+    this.#advance(count);
+    return count;
+  }
+
+  #gather(n: number, consume: boolean): Buffer {
+    const out = Buffer.allocUnsafe(n);
+    let copied = 0;
+    let head = this.#head;
+    for (const chunk of this.#chunks) {
+      if (copied === n) break;
+      const part = Math.min(chunk.length - head, n - copied);
+      chunk.copy(out, copied, head, head + part);
+      copied += part;
+      head = 0;
+    }
+    if (consume) this.#advance(n);
+    return out;
+  }
+
+  #advance(n: number): void {
+    this.#length -= n;
+    while (n > 0) {
+      const first = this.#chunks[0]!;
+      const left = first.length - this.#head;
+      if (n < left) {
+        this.#head += n;
+        return;
+      }
+      n -= left;
+      this.#chunks.shift();
+      this.#head = 0;
+    }
+  }
+}

@@ -1,0 +1,126 @@
+// One client connection: owns the socket and its read queue, runs the
+// negotiation then the transmission phase, and applies backpressure: the
+// socket stops being read while the transmission phase is saturated or the
+// client is not reading our replies, and resumes when that clears.
+import type { Socket } from 'node:net';
+import { ByteQueue } from '../protocol/byte-queue.ts';
+import type { ExportRegistry } from '../exports/registry.ts';
+import { Negotiation, type Session } from './negotiation.ts';
+import { Transmission, type RequestEvent, type TransmissionLimits } from './transmission.ts';
+import type { Logger } from './log.ts';
+
+export interface ConnectionOwner {
+  readonly exports: ExportRegistry;
+  readonly limits: TransmissionLimits;
+  readonly log: Logger;
+  /** Called once, when the socket has closed. */
+  connectionClosed(conn: Connection): void;
+  negotiated?(conn: Connection, session: Session): void;
+  requestDone?(conn: Connection, event: RequestEvent): void;
+}
+
+export class Connection {
+  readonly id: number;
+  readonly socket: Socket;
+  readonly #owner: ConnectionOwner;
+  readonly #queue = new ByteQueue();
+  readonly #negotiation: Negotiation;
+  #transmission: Transmission | null = null;
+  #session: Session | null = null;
+  #closed = false;
+
+  constructor(id: number, socket: Socket, owner: ConnectionOwner) {
+    this.id = id;
+    this.socket = socket;
+    this.#owner = owner;
+    this.#negotiation = new Negotiation({
+      exports: owner.exports,
+      send: (buf) => this.#write(buf),
+      close: (reason) => this.close(reason),
+      enterTransmission: (session) => this.#enterTransmission(session),
+      debug: (msg) => this.#debug(msg),
+    });
+  }
+
+  get session(): Session | null {
+    return this.#session;
+  }
+
+  /** Requests still running against the node. */
+  get inflight(): number {
+    return this.#transmission?.inflight ?? 0;
+  }
+
+  start(): void {
+    const socket = this.socket;
+    socket.on('data', (chunk: Buffer) => {
+      this.#queue.push(chunk);
+      this.#pump();
+    });
+    socket.on('drain', () => this.#pump());
+    socket.on('error', (err) => this.#debug(`socket error: ${err.message}`));
+    socket.on('end', () => this.close('client closed the connection'));
+    socket.on('close', () => {
+      this.#closed = true;
+      this.#owner.connectionClosed(this);
+    });
+    this.#write(this.#negotiation.greeting());
+  }
+
+  /** New requests get NBD_ESHUTDOWN; negotiating clients are dropped. */
+  shutdown(): void {
+    if (this.#transmission !== null) this.#transmission.shutdown();
+    else this.close('server shutting down');
+  }
+
+  close(reason: string): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#debug(`closing: ${reason}`);
+    // Let queued replies reach the client, then release the socket.
+    this.socket.end();
+    this.socket.destroySoon();
+  }
+
+  #debug(message: string): void {
+    this.#owner.log.debug(`conn ${this.id}: ${message}`);
+  }
+
+  #write(buf: Buffer): void {
+    if (!this.#closed) this.socket.write(buf);
+  }
+
+  #enterTransmission(session: Session): void {
+    this.#session = session;
+    this.#owner.negotiated?.(this, session);
+    this.#transmission = new Transmission(
+      {
+        sendReply: (parts) => {
+          // A reply to a client that has gone is dropped, not an error.
+          if (this.#closed || this.socket.destroyed) return;
+          this.socket.cork();
+          for (const part of parts) this.socket.write(part);
+          this.socket.uncork();
+        },
+        close: (reason) => this.close(reason),
+        progress: () => this.#pump(),
+        debug: (msg) => this.#debug(msg),
+        warn: (msg) => this.#owner.log.warn(`conn ${this.id}: ${msg}`),
+        requestDone: (event) => this.#owner.requestDone?.(this, event),
+      },
+      session,
+      this.#owner.limits,
+    );
+  }
+
+  #pump(): void {
+    if (this.#closed) return;
+    if (!this.#negotiation.finished) this.#negotiation.feed(this.#queue);
+    if (this.#transmission !== null && !this.#closed) this.#transmission.feed(this.#queue);
+    if (this.#closed) return;
+    // Stop reading while we are saturated or the client does not read replies.
+    const hold = this.socket.writableNeedDrain || (this.#transmission?.saturated ?? false);
+    if (hold) this.socket.pause();
+    else if (this.socket.isPaused()) this.socket.resume();
+  }
+}

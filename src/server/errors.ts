@@ -1,0 +1,38 @@
+// The one place an errno from storage becomes an NBD error ("Error values").
+// The caller logs the real error first; only the mapped value goes on the wire.
+import {
+  NBD_EINVAL,
+  NBD_EIO,
+  NBD_ENOMEM,
+  NBD_ENOSPC,
+  NBD_ENOTSUP,
+  NBD_EOVERFLOW,
+  NBD_EPERM,
+  NBD_ESHUTDOWN,
+} from '../protocol/constants.ts';
+
+const ERRNO_TO_NBD: Readonly<Record<string, number>> = {
+  EPERM: NBD_EPERM,
+  EACCES: NBD_EPERM,
+  EROFS: NBD_EPERM, // "Error values": a write to a read-only export is EPERM
+  EIO: NBD_EIO,
+  ENOMEM: NBD_ENOMEM,
+  EINVAL: NBD_EINVAL,
+  ENOSPC: NBD_ENOSPC,
+  EDQUOT: NBD_ENOSPC, // "Error values": SHOULD map EDQUOT and EFBIG to ENOSPC
+  EFBIG: NBD_ENOSPC,
+  EOVERFLOW: NBD_EOVERFLOW,
+  ENOTSUP: NBD_ENOTSUP,
+  EOPNOTSUPP: NBD_ENOTSUP,
+  ESHUTDOWN: NBD_ESHUTDOWN,
+};
+
+/** errno name (from a BlockError or a Node system error) to NBD error; EIO when unknown. */
+export function nbdErrorFromErrno(code: string | undefined): number {
+  return (code !== undefined ? ERRNO_TO_NBD[code] : undefined) ?? NBD_EIO;
+}
+
+export function errnoOf(err: unknown): string | undefined {
+  if (typeof err === 'object' && err !== null && 'code' in err && typeof err.code === 'string') return err.code;
+  return undefined;
+}

@@ -1,0 +1,192 @@
+// The server: listeners, the connection limit, and the life cycle around
+// them. A client beyond max-connections is held before the greeting, as
+// qemu-nbd leaves it in the listen backlog, and is served when a slot frees.
+import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
+import net from 'node:net';
+import type { ExportRegistry } from '../exports/registry.ts';
+import { Connection, type ConnectionOwner } from './connection.ts';
+import type { Session } from './negotiation.ts';
+import { DEFAULT_LIMITS, type RequestEvent, type TransmissionLimits } from './transmission.ts';
+import { silentLogger, type Logger } from './log.ts';
+
+export interface ServerOptions {
+  exports: ExportRegistry;
+  /** Clients served at once; 0 = unlimited (qemu-nbd's -e). */
+  maxConnections: number;
+  /** Keep running after the last client leaves (qemu-nbd's -t). */
+  persistent: boolean;
+  limits?: TransmissionLimits;
+  log?: Logger;
+  /** Clients waiting for a slot beyond which new ones are dropped. */
+  maxWaiting?: number;
+}
+
+export interface ServerEvents {
+  /** Not persistent, and the last client has gone. */
+  idle: [];
+  negotiated: [conn: Connection, session: Session];
+  request: [conn: Connection, event: RequestEvent];
+}
+
+export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionOwner {
+  readonly exports: ExportRegistry;
+  readonly limits: TransmissionLimits;
+  readonly log: Logger;
+  readonly #maxConnections: number;
+  readonly #persistent: boolean;
+  readonly #maxWaiting: number;
+  readonly #listeners: net.Server[] = [];
+  readonly #active = new Set<Connection>();
+  readonly #waiting: net.Socket[] = [];
+  #nextId = 1;
+  #served = 0;
+  #closing = false;
+
+  constructor(opts: ServerOptions) {
+    super();
+    this.exports = opts.exports;
+    this.limits = opts.limits ?? DEFAULT_LIMITS;
+    this.log = opts.log ?? silentLogger;
+    this.#maxConnections = opts.maxConnections;
+    this.#persistent = opts.persistent;
+    this.#maxWaiting = opts.maxWaiting ?? 1024;
+  }
+
+  get connections(): ReadonlySet<Connection> {
+    return this.#active;
+  }
+
+  /** Listen on TCP; resolves with the bound address (port 0 picks one). */
+  async listenTcp(host: string, port: number): Promise<net.AddressInfo> {
+    const server = this.#makeListener(true);
+    await listen(server, { host, port });
+    return server.address() as net.AddressInfo;
+  }
+
+  /** Listen on a Unix socket, replacing a stale socket file nobody listens on. */
+  async listenUnix(path: string): Promise<void> {
+    const server = this.#makeListener(false);
+    try {
+      await listen(server, { path });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || !(await isStaleSocket(path))) throw err;
+      fs.unlinkSync(path);
+      await listen(server, { path });
+    }
+  }
+
+  /** Inherit an already listening socket (systemd socket activation). */
+  async listenFd(fd: number): Promise<void> {
+    const server = this.#makeListener(true);
+    // net.Server.listen accepts a handle object { fd } in place of options.
+    await listen(server, { fd } as net.ListenOptions);
+  }
+
+  #makeListener(tcp: boolean): net.Server {
+    const server = net.createServer({ pauseOnConnect: false, noDelay: tcp }, (socket) => this.#accept(socket));
+    server.on('error', (err) => this.log.error(`listener: ${err.message}`));
+    this.#listeners.push(server);
+    return server;
+  }
+
+  #accept(socket: net.Socket): void {
+    socket.on('error', () => {}); // reported by the connection once it has one
+    if (this.#closing) {
+      socket.destroy();
+      return;
+    }
+    if (this.#maxConnections === 0 || this.#active.size < this.#maxConnections) {
+      this.#admit(socket);
+      return;
+    }
+    if (this.#waiting.length >= this.#maxWaiting) {
+      this.log.warn('too many clients waiting for a connection slot; dropping one');
+      socket.destroy();
+      return;
+    }
+    this.log.debug(`connection limit ${this.#maxConnections} reached; client waits`);
+    this.#waiting.push(socket);
+    socket.once('close', () => {
+      const i = this.#waiting.indexOf(socket);
+      if (i >= 0) this.#waiting.splice(i, 1);
+    });
+  }
+
+  #admit(socket: net.Socket): void {
+    const conn = new Connection(this.#nextId++, socket, this);
+    this.#active.add(conn);
+    this.#served++;
+    this.log.debug(`conn ${conn.id}: accepted from ${socket.remoteAddress ?? 'unix socket'}`);
+    conn.start();
+  }
+
+  connectionClosed(conn: Connection): void {
+    if (!this.#active.delete(conn)) return;
+    this.log.debug(`conn ${conn.id}: closed`);
+    if (this.#closing) return;
+    if (!this.#persistent && this.#active.size === 0 && this.#served > 0) {
+      // qemu-nbd without -t: the server ends with its last client.
+      this.emit('idle');
+      return;
+    }
+    while (this.#waiting.length > 0 && (this.#maxConnections === 0 || this.#active.size < this.#maxConnections)) {
+      const next = this.#waiting.shift()!;
+      if (!next.destroyed) this.#admit(next);
+    }
+  }
+
+  negotiated(conn: Connection, session: Session): void {
+    this.emit('negotiated', conn, session);
+  }
+
+  requestDone(conn: Connection, event: RequestEvent): void {
+    if (this.listenerCount('request') > 0) this.emit('request', conn, event);
+  }
+
+  /**
+   * Stop: close listeners (Node removes a Unix socket file it created),
+   * answer new requests with ESHUTDOWN, wait up to `timeoutMs` for requests
+   * in flight, then drop every client.
+   */
+  async close(timeoutMs = 0): Promise<void> {
+    this.#closing = true;
+    const closed = this.#listeners.map((l) => new Promise<void>((resolve) => l.close(() => resolve())));
+    for (const socket of this.#waiting.splice(0)) socket.destroy();
+    for (const conn of this.#active) conn.shutdown();
+    const deadline = Date.now() + timeoutMs;
+    while ([...this.#active].some((c) => c.inflight > 0) && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    for (const conn of this.#active) conn.socket.destroy();
+    await Promise.all(closed);
+  }
+}
+
+function listen(server: net.Server, options: net.ListenOptions): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const onError = (err: Error) => reject(err);
+    server.once('error', onError);
+    server.listen(options, () => {
+      server.off('error', onError);
+      resolve();
+    });
+  });
+}
+
+/** A socket file whose listener has gone refuses connections. */
+function isStaleSocket(path: string): Promise<boolean> {
+  try {
+    if (!fs.statSync(path).isSocket()) return Promise.resolve(false);
+  } catch {
+    return Promise.resolve(false);
+  }
+  return new Promise((resolve) => {
+    const probe = net.connect({ path });
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(false);
+    });
+    probe.once('error', (err: NodeJS.ErrnoException) => resolve(err.code === 'ECONNREFUSED'));
+  });
+}

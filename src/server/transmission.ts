@@ -1,0 +1,322 @@
+// The transmission phase (spec: "Transmission", "Request types",
+// "Structured reply types"): parse requests from the connection's queue,
+// validate each with the one pure check, run them concurrently against the
+// shared block node, and write each reply whole. Parsing stops while the
+// bytes or requests in flight exceed their bounds; the connection pauses
+// its socket meanwhile and feeds again when work drains.
+import {
+  NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_CACHE,
+  NBD_CMD_DISC,
+  NBD_CMD_FLAG_DF,
+  NBD_CMD_FLAG_FAST_ZERO,
+  NBD_CMD_FLAG_FUA,
+  NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLAG_REQ_ONE,
+  NBD_CMD_FLUSH,
+  NBD_CMD_READ,
+  NBD_CMD_TRIM,
+  NBD_CMD_WRITE,
+  NBD_CMD_WRITE_ZEROES,
+  NBD_EINVAL,
+  NBD_ESHUTDOWN,
+  REQUEST_HEADER_LENGTH,
+} from '../protocol/constants.ts';
+import type { ByteQueue } from '../protocol/byte-queue.ts';
+import { commandName, errorLabel } from '../protocol/names.ts';
+import {
+  decodeRequest,
+  encodeChunkBlockStatus,
+  encodeChunkError,
+  encodeChunkNone,
+  encodeChunkOffsetDataHeader,
+  encodeChunkOffsetHole,
+  encodeSimpleReply,
+  validateRequest,
+  type Request,
+  type ValidationContext,
+} from '../protocol/transmission.ts';
+import type { Extent } from '../block/types.ts';
+import { errnoOf, nbdErrorFromErrno } from './errors.ts';
+import { exportFlags } from './flags.ts';
+import type { Session } from './negotiation.ts';
+
+export interface TransmissionLimits {
+  /** Parsing pauses once this many payload/reply bytes are in flight. */
+  maxInflightBytes: number;
+  /** ...or this many requests. */
+  maxInflightRequests: number;
+}
+
+export const DEFAULT_LIMITS: TransmissionLimits = {
+  maxInflightBytes: 64 * 1024 * 1024,
+  maxInflightRequests: 256,
+};
+
+/** "NBD_CMD_BLOCK_STATUS": SHOULD NOT send more than 2^20 descriptors per chunk. */
+const MAX_DESCRIPTORS = 1 << 20;
+
+/** Reported once per finished request (for logs and metrics). */
+export interface RequestEvent {
+  command: number;
+  error: number;
+  bytes: number;
+}
+
+export interface TransmissionHost {
+  /** Write one whole reply; the parts go out corked, back to back. */
+  sendReply(parts: Buffer[]): void;
+  close(reason: string): void;
+  /** Work drained: the connection may feed again. */
+  progress(): void;
+  debug(message: string): void;
+  warn(message: string): void;
+  requestDone?(event: RequestEvent): void;
+}
+
+type State =
+  | { name: 'header' }
+  | { name: 'payload'; req: Request }
+  | { name: 'drain'; left: number }
+  | { name: 'disconnecting' };
+
+export class Transmission {
+  readonly #host: TransmissionHost;
+  readonly #session: Session;
+  readonly #limits: TransmissionLimits;
+  readonly #ctx: ValidationContext;
+  #state: State = { name: 'header' };
+  #inflight = 0;
+  #inflightBytes = 0;
+  #shuttingDown = false;
+
+  constructor(host: TransmissionHost, session: Session, limits: TransmissionLimits = DEFAULT_LIMITS) {
+    this.#host = host;
+    this.#session = session;
+    this.#limits = limits;
+    const exp = session.export;
+    this.#ctx = {
+      size: exp.size,
+      transmissionFlags: exportFlags(exp, session.structuredReplies),
+      structuredReplies: session.structuredReplies,
+      metaContexts: session.metaContexts.length > 0,
+      minimumBlock: exp.blockSize.minimum,
+      maximumPayload: exp.blockSize.maximum,
+    };
+  }
+
+  get inflight(): number {
+    return this.#inflight;
+  }
+
+  /** True while parsing is held back by the in-flight bounds. */
+  get saturated(): boolean {
+    return this.#inflightBytes >= this.#limits.maxInflightBytes || this.#inflight >= this.#limits.maxInflightRequests;
+  }
+
+  /** From now on new requests get NBD_ESHUTDOWN ("Terminating the transmission phase"). */
+  shutdown(): void {
+    this.#shuttingDown = true;
+  }
+
+  feed(queue: ByteQueue): void {
+    for (;;) {
+      const state = this.#state;
+      switch (state.name) {
+        case 'disconnecting':
+          return;
+        case 'drain': {
+          state.left -= queue.skip(state.left);
+          if (state.left > 0) return;
+          this.#state = { name: 'header' };
+          break;
+        }
+        case 'payload': {
+          if (queue.length < state.req.length) return;
+          const payload = queue.take(state.req.length);
+          this.#state = { name: 'header' };
+          this.#dispatch(state.req, payload);
+          break;
+        }
+        case 'header': {
+          if (this.saturated || queue.length < REQUEST_HEADER_LENGTH) return;
+          const req = decodeRequest(queue.take(REQUEST_HEADER_LENGTH));
+          if (req === null) {
+            // "Request message": a bad magic means we lost framing; hang up.
+            this.#state = { name: 'disconnecting' };
+            this.#host.close('bad request magic');
+            return;
+          }
+          this.#host.debug(`request ${commandName(req.type)} flags 0x${req.flags.toString(16)} offset ${req.offset} length ${req.length}`);
+          if (req.type === NBD_CMD_DISC) {
+            // "NBD_CMD_DISC": finish what is in flight, then close.
+            this.#state = { name: 'disconnecting' };
+            this.#closeWhenIdle();
+            return;
+          }
+          let error = validateRequest(req, this.#ctx);
+          if (error === 0 && this.#shuttingDown) error = NBD_ESHUTDOWN;
+          if (req.type === NBD_CMD_WRITE) {
+            if (error !== 0) {
+              // A rejected write still has its payload consumed, unread and unallocated.
+              this.#replyError(req, error, 'request rejected');
+              if (req.length > 0) this.#state = { name: 'drain', left: req.length };
+              break;
+            }
+            this.#state = { name: 'payload', req };
+            break;
+          }
+          if (error !== 0) {
+            this.#replyError(req, error, 'request rejected');
+            break;
+          }
+          this.#dispatch(req, undefined);
+          break;
+        }
+      }
+    }
+  }
+
+  #closeWhenIdle(): void {
+    if (this.#inflight === 0) this.#host.close('client sent NBD_CMD_DISC');
+  }
+
+  #dispatch(req: Request, payload: Buffer | undefined): void {
+    const cost = req.type === NBD_CMD_READ ? req.length : (payload?.length ?? 0);
+    this.#inflight++;
+    this.#inflightBytes += cost;
+    this.#run(req, payload)
+      .catch((err: unknown) => {
+        const code = errnoOf(err);
+        this.#host.warn(`${commandName(req.type)} offset ${req.offset} length ${req.length} failed: ${code ?? ''} ${(err as Error)?.message ?? err}`);
+        this.#replyError(req, nbdErrorFromErrno(code), (err as Error)?.message ?? 'I/O error');
+      })
+      .finally(() => {
+        this.#inflight--;
+        this.#inflightBytes -= cost;
+        if (this.#state.name === 'disconnecting') this.#closeWhenIdle();
+        else this.#host.progress();
+      });
+  }
+
+  async #run(req: Request, payload: Buffer | undefined): Promise<void> {
+    const node = this.#session.export.node;
+    const fua = (req.flags & NBD_CMD_FLAG_FUA) !== 0;
+    switch (req.type) {
+      case NBD_CMD_READ:
+        return this.#read(req);
+      case NBD_CMD_WRITE:
+        if (req.length > 0) await node.write(req.offset, payload!, { fua });
+        break;
+      case NBD_CMD_FLUSH:
+        await node.flush();
+        break;
+      case NBD_CMD_TRIM:
+        if (req.length > 0) await node.trim(req.offset, req.length, { fua });
+        break;
+      case NBD_CMD_CACHE:
+        if (req.length > 0) await node.cache(req.offset, req.length);
+        break;
+      case NBD_CMD_WRITE_ZEROES:
+        if (req.length > 0) {
+          await node.writeZeroes(req.offset, req.length, {
+            fua,
+            noHole: (req.flags & NBD_CMD_FLAG_NO_HOLE) !== 0,
+            fast: (req.flags & NBD_CMD_FLAG_FAST_ZERO) !== 0,
+          });
+        }
+        break;
+      case NBD_CMD_BLOCK_STATUS:
+        return this.#blockStatus(req);
+    }
+    this.#done(req, 0, req.type === NBD_CMD_WRITE ? req.length : 0);
+    this.#host.sendReply([encodeSimpleReply(req.cookie, 0)]);
+  }
+
+  #done(req: Request, error: number, bytes: number): void {
+    this.#host.requestDone?.({ command: req.type, error, bytes });
+  }
+
+  #replyError(req: Request, error: number, message: string): void {
+    this.#host.debug(`reply ${commandName(req.type)} error ${errorLabel(error)}`);
+    this.#done(req, error, 0);
+    // Structured replies carry READ and BLOCK_STATUS errors as an error
+    // chunk; every other command may use a simple reply ("Simple reply message").
+    const structured = this.#session.structuredReplies && (req.type === NBD_CMD_READ || req.type === NBD_CMD_BLOCK_STATUS);
+    this.#host.sendReply([structured ? encodeChunkError(req.cookie, true, error, message) : encodeSimpleReply(req.cookie, error)]);
+  }
+
+  async #read(req: Request): Promise<void> {
+    const node = this.#session.export.node;
+    const { offset, length, cookie } = req;
+    if (!this.#session.structuredReplies) {
+      const data = length > 0 ? await node.read(offset, length) : Buffer.alloc(0);
+      this.#done(req, 0, length);
+      return this.#host.sendReply([encodeSimpleReply(cookie, 0), data]);
+    }
+    if (length === 0) {
+      this.#done(req, 0, 0);
+      return this.#host.sendReply([encodeChunkNone(cookie)]);
+    }
+    // "NBD_CMD_READ": with DF, one content chunk; otherwise holes may be
+    // sent as NBD_REPLY_TYPE_OFFSET_HOLE instead of zeroes.
+    const runs = (req.flags & NBD_CMD_FLAG_DF) !== 0 || !node.capabilities.canExtents ? null : await node.extents(offset, length);
+    if (runs === null || (runs.length === 1 && !runs[0]!.zero)) {
+      const data = await node.read(offset, length);
+      this.#done(req, 0, length);
+      return this.#host.sendReply([encodeChunkOffsetDataHeader(cookie, true, offset, length), data]);
+    }
+    const parts = await this.#sparseRead(cookie, offset, length, runs);
+    this.#done(req, 0, length);
+    this.#host.sendReply(parts);
+  }
+
+  /** One chunk per run: zero runs as holes, the rest read into one buffer. */
+  async #sparseRead(cookie: bigint, offset: number, length: number, runs: Extent[]): Promise<Buffer[]> {
+    const node = this.#session.export.node;
+    const pieces: { offset: number; length: number; zero: boolean }[] = [];
+    let at = offset;
+    const end = offset + length;
+    for (const run of runs) {
+      if (at >= end) break;
+      const len = Math.min(run.length, end - at);
+      const last = pieces[pieces.length - 1];
+      if (last !== undefined && last.zero === run.zero) last.length += len;
+      else pieces.push({ offset: at, length: len, zero: run.zero });
+      at += len;
+    }
+    if (at < end) pieces.push({ offset: at, length: end - at, zero: false });
+
+    const buffer = Buffer.allocUnsafe(length);
+    await Promise.all(
+      pieces.filter((p) => !p.zero).map((p) => node.read(p.offset, p.length, buffer.subarray(p.offset - offset, p.offset - offset + p.length))),
+    );
+    const parts: Buffer[] = [];
+    pieces.forEach((p, i) => {
+      const done = i === pieces.length - 1;
+      if (p.zero) {
+        parts.push(encodeChunkOffsetHole(cookie, done, p.offset, p.length));
+      } else {
+        parts.push(encodeChunkOffsetDataHeader(cookie, done, p.offset, p.length));
+        parts.push(buffer.subarray(p.offset - offset, p.offset - offset + p.length));
+      }
+    });
+    return parts;
+  }
+
+  async #blockStatus(req: Request): Promise<void> {
+    const { offset, length, cookie } = req;
+    // "NBD_CMD_BLOCK_STATUS": a zero length is unspecified; refuse it without disconnecting.
+    if (length === 0) return this.#replyError(req, NBD_EINVAL, 'zero-length block status');
+    const reqOne = (req.flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
+    const exp = this.#session.export;
+    const contexts = this.#session.metaContexts;
+    const answers = await Promise.all(contexts.map((ctx) => ctx.status(offset, length, reqOne ? 1 : MAX_DESCRIPTORS)));
+    const parts = answers.map((runs, i) => {
+      const descriptors = reqOne ? runs.slice(0, 1).map((r) => ({ length: Math.min(r.length, length), flags: r.flags })) : runs;
+      return encodeChunkBlockStatus(cookie, i === answers.length - 1, exp.contextId(contexts[i]!), descriptors);
+    });
+    this.#done(req, 0, 0);
+    this.#host.sendReply(parts);
+  }
+}
