@@ -29,6 +29,7 @@ export interface Config {
   detectZeroes: DetectZeroes;
   cache: CacheMode;
   pidFile: string | undefined;
+  handshakeLimitSeconds: number;
   printUri: boolean;
   logLevel: LogLevel;
 }
@@ -64,6 +65,7 @@ function parser(argv: string[]) {
     .option('detect-zeroes', { type: 'string', default: 'off', describe: 'turn writes of zeroes into zero requests: off|on|unmap' })
     .option('cache', { type: 'string', default: 'writeback', describe: 'none|writeback|writethrough|directsync|unsafe' })
     .option('nocache', { alias: 'n', type: 'boolean', default: false, describe: 'same as --cache=none' })
+    .option('handshake-limit', { type: 'string', default: '10', describe: 'drop clients that have not finished negotiating after SECONDS (0 = never)' })
     .option('pid-file', { type: 'string', describe: 'write the server pid here; removed at exit' })
     .option('print-uri', { type: 'boolean', default: false, describe: 'print the NBD URI on stdout once listening' })
     .option('verbose', { alias: 'v', type: 'count', describe: 'more log output (-v info, -vv debug)' })
@@ -136,6 +138,7 @@ export function parseArgs(argv: string[]): Config | null {
     detectZeroes,
     cache,
     pidFile: args['pid-file'],
+    handshakeLimitSeconds: parseInteger(args['handshake-limit'], '--handshake-limit', 0, 86400),
     printUri: args['print-uri'],
     logLevel: args.quiet ? 'error' : args.verbose >= 2 ? 'debug' : args.verbose === 1 ? 'info' : 'warn',
   };

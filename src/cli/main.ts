@@ -111,7 +111,13 @@ async function run(config: Config, log: Logger): Promise<void> {
       multiConn: config.shared !== 1,
     }),
   );
-  const server = new NbdServer({ exports, maxConnections: config.shared, persistent: config.persistent, log });
+  const server = new NbdServer({
+    exports,
+    maxConnections: config.shared,
+    persistent: config.persistent,
+    handshakeLimitMs: config.handshakeLimitSeconds * 1000,
+    log,
+  });
 
   let port = config.port;
   try {

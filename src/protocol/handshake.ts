@@ -7,6 +7,7 @@ import {
   NBDMAGIC,
   NBD_FLAG_C_FIXED_NEWSTYLE,
   NBD_FLAG_C_NO_ZEROES,
+  NBD_FLAG_NO_ZEROES,
   NBD_INFO_BLOCK_SIZE,
   NBD_INFO_DESCRIPTION,
   NBD_INFO_EXPORT,
@@ -43,7 +44,7 @@ export interface ClientFlags {
  */
 export function decodeClientFlags(buf: Buffer, serverFlags: number): ClientFlags | null {
   const flags = buf.readUInt32BE(0);
-  const known = NBD_FLAG_C_FIXED_NEWSTYLE | (serverFlags & NBD_FLAG_C_NO_ZEROES);
+  const known = NBD_FLAG_C_FIXED_NEWSTYLE | ((serverFlags & NBD_FLAG_NO_ZEROES) !== 0 ? NBD_FLAG_C_NO_ZEROES : 0);
   if ((flags & ~known) !== 0) return null;
   return {
     fixedNewstyle: (flags & NBD_FLAG_C_FIXED_NEWSTYLE) !== 0,

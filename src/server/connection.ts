@@ -12,6 +12,8 @@ import type { Logger } from './log.ts';
 export interface ConnectionOwner {
   readonly exports: ExportRegistry;
   readonly limits: TransmissionLimits;
+  /** A client still negotiating after this long is dropped (0 = never). */
+  readonly handshakeLimitMs: number;
   readonly log: Logger;
   /** Called once, when the socket has closed. */
   connectionClosed(conn: Connection): void;
@@ -28,6 +30,7 @@ export class Connection {
   #transmission: Transmission | null = null;
   #session: Session | null = null;
   #closed = false;
+  #handshakeTimer: NodeJS.Timeout | undefined;
 
   constructor(id: number, socket: Socket, owner: ConnectionOwner) {
     this.id = id;
@@ -62,8 +65,13 @@ export class Connection {
     socket.on('end', () => this.close('client closed the connection'));
     socket.on('close', () => {
       this.#closed = true;
+      clearTimeout(this.#handshakeTimer);
       this.#owner.connectionClosed(this);
     });
+    if (this.#owner.handshakeLimitMs > 0) {
+      // A client that never finishes negotiating must not hold a slot forever.
+      this.#handshakeTimer = setTimeout(() => this.close('handshake time limit reached'), this.#owner.handshakeLimitMs);
+    }
     this.#write(this.#negotiation.greeting());
   }
 
@@ -76,6 +84,7 @@ export class Connection {
   close(reason: string): void {
     if (this.#closed) return;
     this.#closed = true;
+    clearTimeout(this.#handshakeTimer);
     this.#debug(`closing: ${reason}`);
     // Let queued replies reach the client, then release the socket.
     this.socket.end();
@@ -91,6 +100,7 @@ export class Connection {
   }
 
   #enterTransmission(session: Session): void {
+    clearTimeout(this.#handshakeTimer);
     this.#session = session;
     this.#owner.negotiated?.(this, session);
     this.#transmission = new Transmission(
@@ -115,7 +125,12 @@ export class Connection {
 
   #pump(): void {
     if (this.#closed) return;
-    if (!this.#negotiation.finished) this.#negotiation.feed(this.#queue);
+    if (!this.#negotiation.finished) {
+      // Replies to a batch of options leave in one write (no tiny packets).
+      this.socket.cork();
+      this.#negotiation.feed(this.#queue);
+      this.socket.uncork();
+    }
     if (this.#transmission !== null && !this.#closed) this.#transmission.feed(this.#queue);
     if (this.#closed) return;
     // Stop reading while we are saturated or the client does not read replies.

@@ -17,6 +17,8 @@ export interface ServerOptions {
   /** Keep running after the last client leaves (qemu-nbd's -t). */
   persistent: boolean;
   limits?: TransmissionLimits;
+  /** Drop clients still negotiating after this long; 0 = no limit. Default 10 s. */
+  handshakeLimitMs?: number;
   log?: Logger;
   /** Clients waiting for a slot beyond which new ones are dropped. */
   maxWaiting?: number;
@@ -32,6 +34,7 @@ export interface ServerEvents {
 export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionOwner {
   readonly exports: ExportRegistry;
   readonly limits: TransmissionLimits;
+  readonly handshakeLimitMs: number;
   readonly log: Logger;
   readonly #maxConnections: number;
   readonly #persistent: boolean;
@@ -47,6 +50,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     super();
     this.exports = opts.exports;
     this.limits = opts.limits ?? DEFAULT_LIMITS;
+    this.handshakeLimitMs = opts.handshakeLimitMs ?? 10_000;
     this.log = opts.log ?? silentLogger;
     this.#maxConnections = opts.maxConnections;
     this.#persistent = opts.persistent;
@@ -85,7 +89,10 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
 
   #makeListener(tcp: boolean): net.Server {
     const server = net.createServer({ pauseOnConnect: false, noDelay: tcp }, (socket) => this.#accept(socket));
-    server.on('error', (err) => this.log.error(`listener: ${err.message}`));
+    // Errors before listening are the caller's to report (port in use...).
+    server.on('error', (err) => {
+      if (server.listening) this.log.error(`listener: ${err.message}`);
+    });
     this.#listeners.push(server);
     return server;
   }
