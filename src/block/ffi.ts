@@ -1,0 +1,168 @@
+// The few libc calls Node lacks, through koffi: lseek(SEEK_DATA/SEEK_HOLE),
+// fallocate (punch hole, zero range), ioctl(BLKGETSIZE64), posix_fadvise,
+// and the address of a Buffer (to align O_DIRECT buffers).
+//
+// koffi is loaded on first use. When it cannot load (unsupported platform,
+// missing binary), ffiAvailable() is false and every caller degrades:
+// extents become "all data", zeroing becomes writing zeroes.
+//
+// Errors are BlockErrors named by errno. koffi's async calls run on its
+// worker threads, whose errno does not travel back; when an async fallocate
+// fails, it is repeated synchronously to learn errno. The modes used here
+// are idempotent and their failures (EOPNOTSUPP, EINVAL, ENOSPC...) return
+// at once, so only the rare failing call touches the event loop.
+import { createRequire } from 'node:module';
+import type * as KoffiModule from 'koffi';
+import { errnoMessage, errnoName } from './errno.ts';
+import { BlockError } from './types.ts';
+
+export const SEEK_DATA = 3;
+export const SEEK_HOLE = 4;
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+/** _IOR(0x12, 114, size_t) on 64-bit Linux. */
+const BLKGETSIZE64 = 0x80081272;
+const POSIX_FADV_WILLNEED = 3;
+/** At most this many koffi async calls at once (koffi throws past its own queue limit). */
+const MAX_ASYNC = 32;
+
+type Koffi = typeof KoffiModule;
+type Fn = ReturnType<KoffiModule.IKoffiLib['func']>;
+
+interface Libc {
+  koffi: Koffi;
+  lseek: Fn;
+  fallocate: Fn;
+  ioctl: Fn;
+  fadvise: Fn;
+  /** memmove(p, p, 0) returns p: the address of a Buffer's memory. */
+  identity: Fn;
+}
+
+let libcState: Libc | null | undefined;
+let enabled = process.platform === 'linux';
+
+function libc(): Libc | null {
+  if (!enabled) return null;
+  if (libcState !== undefined) return libcState;
+  try {
+    const require = createRequire(import.meta.url);
+    const koffi = require('koffi') as Koffi;
+    const lib = koffi.load('libc.so.6');
+    libcState = {
+      koffi,
+      lseek: lib.func('int64_t lseek(int fd, int64_t offset, int whence)'),
+      fallocate: lib.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)'),
+      ioctl: lib.func('int ioctl(int fd, unsigned long request, ...)'),
+      fadvise: lib.func('int posix_fadvise(int fd, int64_t offset, int64_t len, int advice)'),
+      identity: lib.func('uintptr_t memmove(void *dst, const void *src, size_t n)'),
+    };
+  } catch {
+    libcState = null;
+  }
+  return libcState;
+}
+
+/** For tests: pretend koffi is missing (false) or use it again (true). */
+export function setFfiEnabled(on: boolean): void {
+  enabled = on && process.platform === 'linux';
+}
+
+/** True when the libc calls below work; false means callers degrade. */
+export function ffiAvailable(): boolean {
+  return libc() !== null;
+}
+
+function need(): Libc {
+  const l = libc();
+  if (l === null) throw new BlockError('ENOSYS', 'libc calls through koffi are not available');
+  return l;
+}
+
+function fail(l: Libc, what: string): BlockError {
+  const name = errnoName(l.koffi.errno());
+  return new BlockError(name, `${what}: ${errnoMessage(name)}`);
+}
+
+/**
+ * lseek(fd, offset, SEEK_DATA | SEEK_HOLE): the resulting offset. Throws a
+ * BlockError; ENXIO means "no more data after offset" (or past EOF).
+ * Synchronous: it only looks at extent maps.
+ */
+export function seek(fd: number, offset: number, whence: typeof SEEK_DATA | typeof SEEK_HOLE): number {
+  const l = need();
+  const r = Number(l.lseek(fd, offset, whence));
+  if (r < 0) throw fail(l, whence === SEEK_DATA ? 'lseek(SEEK_DATA)' : 'lseek(SEEK_HOLE)');
+  return r;
+}
+
+/** Size in bytes of the block device open on fd. */
+export function blockDeviceSize(fd: number): number {
+  const l = need();
+  const out = Buffer.alloc(8);
+  if (l.ioctl(fd, BLKGETSIZE64, 'void *', out) !== 0) throw fail(l, 'ioctl(BLKGETSIZE64)');
+  return Number(out.readBigUInt64LE(0));
+}
+
+// A small gate so no more than MAX_ASYNC koffi async calls are queued.
+let running = 0;
+const waiting: (() => void)[] = [];
+async function gated<T>(run: () => Promise<T>): Promise<T> {
+  if (running >= MAX_ASYNC) await new Promise<void>((resolve) => waiting.push(resolve));
+  running++;
+  try {
+    return await run();
+  } finally {
+    running--;
+    waiting.shift()?.();
+  }
+}
+
+function callAsync(fn: Fn, args: unknown[]): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fn.async(...args, (err: unknown, res: unknown) => {
+      if (err) reject(err instanceof Error ? new BlockError('EIO', err.message) : new BlockError('EIO'));
+      else resolve(Number(res));
+    });
+  });
+}
+
+/** fallocate(fd, mode, offset, length) on a koffi worker thread. */
+export async function fallocate(fd: number, mode: number, offset: number, length: number): Promise<void> {
+  const l = need();
+  const r = await gated(() => callAsync(l.fallocate, [fd, mode, offset, length]));
+  if (r === 0) return;
+  // Learn errno: repeat the (idempotent) call on this thread.
+  if (l.fallocate(fd, mode, offset, length) === 0) return;
+  throw fail(l, 'fallocate');
+}
+
+/** posix_fadvise(WILLNEED) on a worker thread: start reading a range into the page cache. */
+export async function fadviseWillNeed(fd: number, offset: number, length: number): Promise<void> {
+  const l = need();
+  // posix_fadvise returns the error number instead of setting errno.
+  const r = await gated(() => callAsync(l.fadvise, [fd, offset, length, POSIX_FADV_WILLNEED]));
+  if (r !== 0) {
+    const name = errnoName(r);
+    throw new BlockError(name, `posix_fadvise: ${errnoMessage(name)}`);
+  }
+}
+
+/** The address of a Buffer's first byte, or null without FFI. */
+export function bufferAddress(buf: Buffer): number | null {
+  const l = libc();
+  return l === null ? null : Number(l.identity(buf, buf, 0));
+}
+
+/**
+ * A zero-filled Buffer of `length` bytes whose memory starts on an `align`
+ * boundary (for O_DIRECT), or null without FFI.
+ */
+export function allocAligned(length: number, align: number): Buffer | null {
+  const raw = Buffer.alloc(length + align);
+  const address = bufferAddress(raw);
+  if (address === null) return null;
+  const pad = (align - (address % align)) % align;
+  return raw.subarray(pad, pad + length);
+}

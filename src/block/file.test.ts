@@ -1,0 +1,292 @@
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, describe, test } from 'node:test';
+import { pattern, runConformance } from './conformance.ts';
+import { DIRECT_ALIGN, FileNode } from './file.ts';
+import { setFfiEnabled } from './ffi.ts';
+import { openBlockNode } from './open.ts';
+import { BlockError } from './types.ts';
+
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-block-'));
+after(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+let counter = 0;
+/** A new sparse file of `size` bytes (after `head` bytes of header). */
+function tempFile(size: number, head?: Buffer): string {
+  const p = path.join(dir, `img-${counter++}`);
+  fs.writeFileSync(p, head ?? Buffer.alloc(0));
+  fs.truncateSync(p, (head?.length ?? 0) + size);
+  return p;
+}
+
+/** Opens a node over a fresh temp file and removes the file when the node closes. */
+function fileMaker(opts: { direct?: boolean; discard?: 'ignore' | 'unmap'; offset?: number }) {
+  return async (size: number) => {
+    const head = opts.offset === undefined ? undefined : Buffer.alloc(opts.offset, 0xaa);
+    const p = tempFile(size, head);
+    const node = await FileNode.open({ path: p, ...opts });
+    const close = node.close.bind(node);
+    return Object.assign(node, {
+      close: async () => {
+        await close();
+        if (head !== undefined) assert.ok(fs.readFileSync(p).subarray(0, head.length).equals(head), 'the skipped header is untouched');
+        fs.rmSync(p, { force: true });
+      },
+    });
+  };
+}
+
+runConformance('FileNode, discard=unmap', fileMaker({ discard: 'unmap' }), { trimZeroes: true, reportsHoles: true });
+runConformance('FileNode, discard=ignore', fileMaker({}), { reportsHoles: true, propertyRuns: 20 });
+runConformance('FileNode, O_DIRECT', fileMaker({ direct: true, discard: 'unmap' }), { trimZeroes: true, reportsHoles: true, propertyRuns: 20 });
+runConformance('FileNode, -o 1000', fileMaker({ offset: 1000, discard: 'unmap' }), { trimZeroes: true, propertyRuns: 20 });
+runConformance('FileNode, O_DIRECT, -o 4097', fileMaker({ direct: true, offset: 4097 }), { propertyRuns: 15 });
+runConformance('file stack (openBlockNode, cache=directsync, detect-zeroes=on)', async (size) => {
+  const p = tempFile(size);
+  const node = await openBlockNode({ kind: 'file', path: p, cache: 'directsync', detectZeroes: 'on', discard: 'unmap' });
+  const close = node.close.bind(node);
+  return Object.assign(node, { close: async () => { await close(); fs.rmSync(p, { force: true }); } });
+}, { trimZeroes: true, propertyRuns: 10 });
+
+// tmpfs lacks FALLOC_FL_ZERO_RANGE: zeroing with noHole falls back to writing zeroes.
+const shmDir = fs.existsSync('/dev/shm') ? fs.mkdtempSync('/dev/shm/nbd-export-block-') : undefined;
+after(() => {
+  if (shmDir !== undefined) fs.rmSync(shmDir, { recursive: true, force: true });
+});
+if (shmDir !== undefined) {
+  runConformance('FileNode on tmpfs, discard=unmap', async (size) => {
+    const p = path.join(shmDir, `img-${counter++}`);
+    fs.writeFileSync(p, Buffer.alloc(0));
+    fs.truncateSync(p, size);
+    const node = await FileNode.open({ path: p, discard: 'unmap' });
+    const close = node.close.bind(node);
+    return Object.assign(node, { close: async () => { await close(); fs.rmSync(p, { force: true }); } });
+  }, { trimZeroes: true, reportsHoles: true, propertyRuns: 15 });
+}
+
+const t = { timeout: 20_000 };
+
+async function withFile<T>(node: Promise<FileNode>, fn: (n: FileNode) => Promise<T>): Promise<T> {
+  const n = await node;
+  try {
+    return await fn(n);
+  } finally {
+    await n.close();
+  }
+}
+
+describe('FileNode', () => {
+  test('extents follow SEEK_DATA/SEEK_HOLE', t, async () => {
+    const p = tempFile(1024 * 1024);
+    await withFile(FileNode.open({ path: p }), async (node) => {
+      assert.deepEqual(await node.extents(0, node.size), [{ length: 1024 * 1024, hole: true, zero: true }]);
+      await node.write(256 * 1024, Buffer.alloc(4096, 1));
+      assert.deepEqual(await node.extents(0, node.size), [
+        { length: 256 * 1024, hole: true, zero: true },
+        { length: 4096, hole: false, zero: false },
+        { length: 1024 * 1024 - 256 * 1024 - 4096, hole: true, zero: true },
+      ]);
+      assert.deepEqual(await node.extents(256 * 1024 + 10, 100), [{ length: 100, hole: false, zero: false }]);
+      assert.deepEqual(await node.extents(256 * 1024 - 10, 20), [
+        { length: 10, hole: true, zero: true },
+        { length: 10, hole: false, zero: false },
+      ]);
+      assert.equal((await node.extents(0, node.size, 2)).length, 2);
+    });
+  });
+
+  test('extents of a fragmented file: many runs, capped on request', t, async () => {
+    const p = tempFile(600 * 8192);
+    await withFile(FileNode.open({ path: p }), async (node) => {
+      for (let i = 0; i < 600; i++) await node.write(i * 8192, Buffer.from([1]));
+      const runs = await node.extents(0, node.size);
+      assert.equal(runs.length, 1200);
+      assert.ok(runs.every((r, i) => r.length === 4096 && r.hole === (i % 2 === 1)));
+      const capped = await node.extents(100, node.size - 100, 1000);
+      assert.equal(capped.length, 1000);
+      assert.equal(capped[0]!.length, 3996);
+    });
+  });
+
+  test('trim punches a hole with discard=unmap, does nothing with discard=ignore', t, async () => {
+    const p = tempFile(512 * 1024);
+    await withFile(FileNode.open({ path: p, discard: 'unmap' }), async (node) => {
+      await node.write(0, pattern(512 * 1024, 1));
+      const blocks = fs.statSync(p).blocks;
+      await node.trim(64 * 1024, 128 * 1024);
+      assert.ok(fs.statSync(p).blocks < blocks, 'blocks were freed');
+      assert.ok((await node.read(64 * 1024, 128 * 1024)).equals(Buffer.alloc(128 * 1024)));
+      assert.deepEqual(await node.extents(0, node.size), [
+        { length: 64 * 1024, hole: false, zero: false },
+        { length: 128 * 1024, hole: true, zero: true },
+        { length: 320 * 1024, hole: false, zero: false },
+      ]);
+      // Zeroes without noHole punch too; with noHole they stay allocated
+      // (ext4 may still report ZERO_RANGE's unwritten extents as a hole).
+      await node.writeZeroes(256 * 1024, 64 * 1024);
+      assert.deepEqual(await node.extents(256 * 1024, 64 * 1024), [{ length: 64 * 1024, hole: true, zero: true }]);
+      const kept = fs.statSync(p).blocks;
+      await node.writeZeroes(384 * 1024, 64 * 1024, { noHole: true });
+      assert.equal(fs.statSync(p).blocks, kept, 'noHole frees nothing');
+      assert.ok((await node.read(384 * 1024, 64 * 1024)).equals(Buffer.alloc(64 * 1024)));
+    });
+    await withFile(FileNode.open({ path: p, discard: 'ignore' }), async (node) => {
+      const before = await node.read(0, node.size);
+      await node.trim(0, node.size);
+      assert.ok((await node.read(0, node.size)).equals(before), 'trim ignored');
+      const kept = fs.statSync(p).blocks;
+      await node.writeZeroes(0, 64 * 1024);
+      assert.equal(fs.statSync(p).blocks, kept, 'zeroing frees nothing with discard=ignore');
+      assert.ok((await node.read(0, 64 * 1024)).equals(Buffer.alloc(64 * 1024)));
+      await node.writeZeroes(0, 64 * 1024, { fast: true });
+    });
+  });
+
+  test('-o skips a header: size, reads, writes and extents are shifted', t, async () => {
+    const head = Buffer.alloc(1000, 0x55);
+    const p = tempFile(64 * 1024, head);
+    await withFile(FileNode.open({ path: p, offset: 1000, discard: 'unmap' }), async (node) => {
+      assert.equal(node.size, 64 * 1024);
+      await node.write(0, Buffer.from('abc'));
+      const raw = fs.readFileSync(p);
+      assert.equal(raw.subarray(1000, 1003).toString(), 'abc');
+      assert.ok(raw.subarray(0, 1000).equals(head));
+      const runs = await node.extents(0, node.size);
+      assert.ok(!runs[0]!.hole, 'the first block (holding the header) is data');
+      assert.equal(runs.reduce((s, r) => s + r.length, 0), node.size);
+      await node.writeZeroes(0, node.size);
+      assert.ok(fs.readFileSync(p).subarray(0, 1000).equals(head), 'zeroing spares the header');
+    });
+    await assert.rejects(FileNode.open({ path: p, offset: 64 * 1024 + 1001 }), (e: BlockError) => e.code === 'EINVAL');
+    await withFile(FileNode.open({ path: p, offset: 64 * 1024 + 1000 }), async (node) => assert.equal(node.size, 0));
+  });
+
+  for (const direct of [false, true]) {
+    test(`a 1000-byte file is served exactly${direct ? ' (O_DIRECT)' : ''}`, t, async () => {
+      const p = tempFile(0);
+      fs.writeFileSync(p, pattern(1000, 3));
+      await withFile(FileNode.open({ path: p, direct, discard: 'unmap' }), async (node) => {
+        assert.equal(node.size, 1000);
+        assert.ok((await node.read(0, 1000)).equals(pattern(1000, 3)));
+        await node.write(999, Buffer.from([0]));
+        await node.write(0, Buffer.from([7]), { fua: true });
+        const runs = await node.extents(0, 1000);
+        assert.equal(runs.reduce((s, r) => s + r.length, 0), 1000);
+        await node.writeZeroes(500, 500);
+        const got = await node.read(0, 1000);
+        assert.equal(got[0], 7);
+        assert.ok(got.subarray(1, 500).equals(pattern(1000, 3).subarray(1, 500)));
+        assert.ok(got.subarray(500).equals(Buffer.alloc(500)));
+      });
+      assert.equal(fs.statSync(p).size, 1000, 'the file never grows');
+    });
+  }
+
+  test('O_DIRECT: concurrent unaligned writes into one block lose nothing', t, async () => {
+    const size = 3 * DIRECT_ALIGN + 100;
+    const p = tempFile(size);
+    await withFile(FileNode.open({ path: p, direct: true }), async (node) => {
+      assert.equal(node.direct, true);
+      const model = Buffer.alloc(size);
+      const writes: Promise<void>[] = [];
+      for (let i = 0; i < 200; i++) {
+        const off = (i * 61) % (size - 3);
+        const data = Buffer.from([i + 1, i + 2, i + 3].map((x) => x & 0xff || 1));
+        // Overlapping writes land in an unspecified order: keep them disjoint.
+        if (model.subarray(off, off + 3).some((b) => b !== 0)) continue;
+        data.copy(model, off);
+        writes.push(node.write(off, data));
+      }
+      writes.push(node.writeZeroes(DIRECT_ALIGN - 1, 2));
+      model.fill(0, DIRECT_ALIGN - 1, DIRECT_ALIGN + 1);
+      await Promise.all(writes);
+      assert.ok((await node.read(0, size)).equals(model));
+      assert.ok(fs.readFileSync(p).equals(model));
+    });
+    assert.equal(fs.statSync(p).size, size);
+  });
+
+  test('open errors are BlockErrors named by errno', t, async () => {
+    await assert.rejects(FileNode.open({ path: path.join(dir, 'missing') }), (e: BlockError) => e instanceof BlockError && e.code === 'ENOENT' && /No such file/.test(e.message));
+    await assert.rejects(FileNode.open({ path: dir }), (e: BlockError) => e.code === 'EISDIR');
+    await assert.rejects(FileNode.open({ path: dir, readOnly: true }), (e: BlockError) => e.code === 'EISDIR');
+    await assert.rejects(FileNode.open({ path: '/dev/null' }), (e: BlockError) => e.code === 'EINVAL');
+    if (process.getuid?.() !== 0) {
+      const p = tempFile(4096);
+      fs.chmodSync(p, 0o444);
+      await assert.rejects(FileNode.open({ path: p }), (e: BlockError) => e.code === 'EACCES');
+      await withFile(FileNode.open({ path: p, readOnly: true }), async (node) => assert.equal(node.capabilities.writable, false));
+    }
+  });
+
+  test('O_DIRECT on a filesystem without it fails with EINVAL and says so', t, async (ctx) => {
+    const shm = '/dev/shm';
+    if (!fs.existsSync(shm)) return ctx.skip('no /dev/shm');
+    const p = path.join(fs.mkdtempSync(path.join(shm, 'nbd-export-block-')), 'img');
+    try {
+      fs.writeFileSync(p, Buffer.alloc(4096));
+      try {
+        const node = await FileNode.open({ path: p, direct: true });
+        await node.close();
+        ctx.skip('this tmpfs supports O_DIRECT');
+      } catch (e) {
+        assert.ok(e instanceof BlockError && e.code === 'EINVAL' && /O_DIRECT not supported/.test(e.message), String(e));
+      }
+    } finally {
+      fs.rmSync(path.dirname(p), { recursive: true, force: true });
+    }
+  });
+
+  test('read-only open: writes fail, reads and extents work', t, async () => {
+    const p = tempFile(8192);
+    await withFile(FileNode.open({ path: p, readOnly: true }), async (node) => {
+      assert.equal(node.capabilities.writable, false);
+      await assert.rejects(node.write(0, Buffer.from([1])), (e: BlockError) => e.code === 'EBADF');
+      assert.ok((await node.read(0, 8192)).equals(Buffer.alloc(8192)));
+      assert.equal((await node.extents(0, 8192)).length, 1);
+    });
+  });
+
+  test('without the FFI: extents are all data, zeroes are written, fast zero is refused', t, async () => {
+    setFfiEnabled(false);
+    try {
+      const p = tempFile(100000);
+      await withFile(FileNode.open({ path: p, discard: 'unmap', direct: true }), async (node) => {
+        assert.equal(node.direct, false, 'O_DIRECT needs aligned buffers, hence the FFI');
+        assert.equal(node.capabilities.canExtents, false);
+        assert.equal(node.capabilities.canFastZero, false);
+        assert.deepEqual(await node.extents(0, node.size), [{ length: 100000, hole: false, zero: false }]);
+        await node.write(0, pattern(100000, 5));
+        await node.writeZeroes(10, 99990);
+        assert.ok((await node.read(10, 99990)).equals(Buffer.alloc(99990)));
+        await assert.rejects(node.writeZeroes(0, 10, { fast: true }), (e: BlockError) => e.code === 'ENOTSUP');
+        await node.trim(0, 10); // a no-op
+        assert.ok((await node.read(0, 10)).equals(pattern(100000, 5).subarray(0, 10)));
+      });
+    } finally {
+      setFfiEnabled(true);
+    }
+  });
+
+  test('close is idempotent and later calls fail', t, async () => {
+    const node = await FileNode.open({ path: tempFile(4096) });
+    await node.close();
+    await node.close();
+    await assert.rejects(node.read(0, 1), (e: BlockError) => e.code === 'EBADF');
+  });
+
+  test('openBlockNode: cache=none opens O_DIRECT, writethrough does not', t, async () => {
+    const p = tempFile(8192);
+    const a = await openBlockNode({ kind: 'file', path: p, cache: 'none' });
+    assert.equal((a.inner as FileNode).direct, true);
+    await a.close();
+    const b = await openBlockNode({ kind: 'file', path: p, cache: 'writethrough', readOnly: true });
+    assert.equal((b.inner as FileNode).direct, false);
+    assert.equal(b.capabilities.writable, false);
+    await assert.rejects(b.write(0, Buffer.from([1])), (e: BlockError) => e.code === 'EPERM');
+    await b.close();
+    await assert.rejects(openBlockNode({ kind: 'file', path: path.join(dir, 'nope') }), (e: BlockError) => e.code === 'ENOENT');
+  });
+});

@@ -1,0 +1,193 @@
+// The one wrapper every block node goes through (nbdkit's backend.c): it
+// checks every call's range and the read-only state before the backend
+// sees it, applies the cache, discard and detect-zeroes policies, and fills
+// in what a backend lacks (extents become one data run, zeroing falls back
+// to writing zeroes, trim becomes a no-op), so backends stay small.
+import { isNotSupported, toBlockError } from './errno.ts';
+import { normalizeExtents } from './extents.ts';
+import type {
+  BlockCapabilities,
+  BlockNode,
+  CacheMode,
+  DetectZeroesMode,
+  DiscardMode,
+  Extent,
+  WriteOptions,
+  ZeroOptions,
+} from './types.ts';
+import { BlockError } from './types.ts';
+
+export interface CheckedNodeOptions {
+  /** Refuse write, trim and writeZeroes with EPERM. */
+  readOnly?: boolean;
+  /** Turn all-zero writes into zero requests (default 'off'). */
+  detectZeroes?: DetectZeroesMode;
+  /** writethrough/directsync: every write is FUA; unsafe: flush does nothing (default 'writeback'). */
+  cache?: CacheMode;
+  /** ignore (default): trim is a no-op and zeroing never deallocates. */
+  discard?: DiscardMode;
+}
+
+/** Zeroes written per piece when the backend cannot zero by itself. */
+const ZERO_PIECE = 1024 * 1024;
+const ZERO_BUFFER = Buffer.alloc(ZERO_PIECE);
+
+/** True when every byte of buf is zero (memcmp against a shared zero buffer, no per-byte JS loop). */
+export function isAllZero(buf: Buffer): boolean {
+  const n = buf.length;
+  if (n === 0) return true;
+  if (buf[0] !== 0 || buf[n - 1] !== 0) return false;
+  for (let at = 0; at < n; at += ZERO_PIECE) {
+    const len = Math.min(ZERO_PIECE, n - at);
+    if (!buf.subarray(at, at + len).equals(ZERO_BUFFER.subarray(0, len))) return false;
+  }
+  return true;
+}
+
+export class CheckedNode implements BlockNode {
+  readonly size: number;
+  readonly capabilities: BlockCapabilities;
+  readonly readOnly: boolean;
+  readonly detectZeroes: DetectZeroesMode;
+  readonly cacheMode: CacheMode;
+  readonly discard: DiscardMode;
+  readonly #inner: BlockNode;
+  #closed = false;
+
+  constructor(inner: BlockNode, opts: CheckedNodeOptions = {}) {
+    this.#inner = inner;
+    this.size = inner.size;
+    this.readOnly = (opts.readOnly ?? false) || !inner.capabilities.writable;
+    this.cacheMode = opts.cache ?? 'writeback';
+    this.discard = opts.discard ?? 'ignore';
+    // detect-zeroes=unmap only unmaps when discard=unmap; otherwise it acts as 'on'.
+    const dz = opts.detectZeroes ?? 'off';
+    this.detectZeroes = dz === 'unmap' && this.discard !== 'unmap' ? 'on' : dz;
+    const ic = inner.capabilities;
+    const writable = !this.readOnly;
+    this.capabilities = Object.freeze({
+      writable,
+      canFlush: ic.canFlush,
+      canTrim: writable && this.discard === 'unmap' && ic.canTrim,
+      canFastZero: writable && ic.canFastZero,
+      canExtents: ic.canExtents,
+      canCache: ic.canCache,
+    });
+  }
+
+  /** The wrapped node. */
+  get inner(): BlockNode {
+    return this.#inner;
+  }
+
+  /** EINVAL unless offset and length are non-negative safe integers within the size (ENOSPC for writes past it). */
+  #check(offset: number, length: number, pastEnd: 'EINVAL' | 'ENOSPC' = 'EINVAL'): void {
+    if (this.#closed) throw new BlockError('ESHUTDOWN', 'the block node is closed');
+    if (!Number.isSafeInteger(offset) || offset < 0) throw new BlockError('EINVAL', `invalid offset ${offset}`);
+    if (!Number.isSafeInteger(length) || length < 0) throw new BlockError('EINVAL', `invalid length ${length}`);
+    if (offset + length > this.size) {
+      throw new BlockError(pastEnd, `range ${offset}+${length} passes the end (${this.size} bytes)`);
+    }
+  }
+
+  #checkWritable(): void {
+    if (this.readOnly) throw new BlockError('EPERM', 'the block node is read-only');
+  }
+
+  #fua(opts: WriteOptions | undefined): boolean {
+    return opts?.fua === true || this.cacheMode === 'writethrough' || this.cacheMode === 'directsync';
+  }
+
+  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    this.#check(offset, length);
+    if (into !== undefined && into.length < length) {
+      throw new BlockError('EINVAL', `buffer of ${into.length} bytes is too small for ${length}`);
+    }
+    if (length === 0) return into?.subarray(0, 0) ?? Buffer.alloc(0);
+    return this.#call(() => this.#inner.read(offset, length, into));
+  }
+
+  async write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
+    this.#check(offset, data.length, 'ENOSPC');
+    this.#checkWritable();
+    if (data.length === 0) return;
+    const fua = this.#fua(opts);
+    if (this.detectZeroes !== 'off' && isAllZero(data)) {
+      return this.#zeroes(offset, data.length, { fua, noHole: this.detectZeroes !== 'unmap' });
+    }
+    return this.#call(() => this.#inner.write(offset, data, { fua }));
+  }
+
+  async flush(): Promise<void> {
+    if (this.#closed) throw new BlockError('ESHUTDOWN', 'the block node is closed');
+    if (this.cacheMode === 'unsafe') return;
+    return this.#call(() => this.#inner.flush());
+  }
+
+  async trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
+    this.#check(offset, length);
+    this.#checkWritable();
+    if (length === 0 || this.discard !== 'unmap' || !this.#inner.capabilities.canTrim) return;
+    const fua = this.#fua(opts);
+    return this.#call(() => this.#inner.trim(offset, length, { fua }));
+  }
+
+  async writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    this.#check(offset, length, 'ENOSPC');
+    this.#checkWritable();
+    if (length === 0) return;
+    return this.#zeroes(offset, length, { fua: this.#fua(opts), noHole: opts.noHole === true, fast: opts.fast === true });
+  }
+
+  /** Zero a checked range: the backend's own way, else (unless fast) by writing zeroes. */
+  async #zeroes(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    // With discard=ignore nothing is ever deallocated.
+    const zopts: ZeroOptions = { fua: opts.fua === true, noHole: opts.noHole === true || this.discard !== 'unmap', fast: opts.fast === true };
+    if (zopts.fast && !this.#inner.capabilities.canFastZero) {
+      throw new BlockError('ENOTSUP', 'fast zeroing is not supported');
+    }
+    try {
+      await this.#inner.writeZeroes(offset, length, zopts);
+      return;
+    } catch (err) {
+      const e = toBlockError(err);
+      if (zopts.fast || !isNotSupported(e.code)) throw e;
+    }
+    await this.#call(async () => {
+      for (let done = 0; done < length; done += ZERO_PIECE) {
+        const n = Math.min(ZERO_PIECE, length - done);
+        await this.#inner.write(offset + done, ZERO_BUFFER.subarray(0, n));
+      }
+      if (zopts.fua) await this.#inner.flush();
+    });
+  }
+
+  async cache(offset: number, length: number): Promise<void> {
+    this.#check(offset, length);
+    if (length === 0 || !this.#inner.capabilities.canCache) return;
+    return this.#call(() => this.#inner.cache(offset, length));
+  }
+
+  async extents(offset: number, length: number, maxExtents?: number): Promise<Extent[]> {
+    this.#check(offset, length);
+    if (length === 0) return [];
+    if (!this.#inner.capabilities.canExtents) return [{ length, hole: false, zero: false }];
+    const runs = await this.#call(() => this.#inner.extents(offset, length, maxExtents));
+    return normalizeExtents(offset, length, runs, maxExtents);
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    return this.#call(() => this.#inner.close());
+  }
+
+  /** Run a backend call; whatever it throws comes out as a BlockError. */
+  async #call<T>(fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      throw toBlockError(err);
+    }
+  }
+}
