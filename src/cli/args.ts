@@ -30,6 +30,7 @@ export interface Config {
   cache: CacheMode;
   pidFile: string | undefined;
   handshakeLimitSeconds: number;
+  shutdownTimeoutSeconds: number;
   printUri: boolean;
   logLevel: LogLevel;
 }
@@ -66,6 +67,7 @@ function parser(argv: string[]) {
     .option('cache', { type: 'string', default: 'writeback', describe: 'none|writeback|writethrough|directsync|unsafe' })
     .option('nocache', { alias: 'n', type: 'boolean', default: false, describe: 'same as --cache=none' })
     .option('handshake-limit', { type: 'string', default: '10', describe: 'drop clients that have not finished negotiating after SECONDS (0 = never)' })
+    .option('shutdown-timeout', { type: 'string', default: '5', describe: 'on SIGTERM/SIGINT, wait at most SECONDS for requests in flight' })
     .option('pid-file', { type: 'string', describe: 'write the server pid here; removed at exit' })
     .option('print-uri', { type: 'boolean', default: false, describe: 'print the NBD URI on stdout once listening' })
     .option('verbose', { alias: 'v', type: 'count', describe: 'more log output (-v info, -vv debug)' })
@@ -139,6 +141,7 @@ export function parseArgs(argv: string[]): Config | null {
     cache,
     pidFile: args['pid-file'],
     handshakeLimitSeconds: parseInteger(args['handshake-limit'], '--handshake-limit', 0, 86400),
+    shutdownTimeoutSeconds: parseInteger(args['shutdown-timeout'], '--shutdown-timeout', 0, 86400),
     printUri: args['print-uri'],
     logLevel: args.quiet ? 'error' : args.verbose >= 2 ? 'debug' : args.verbose === 1 ? 'info' : 'warn',
   };

@@ -11,9 +11,6 @@ import { NbdServer } from '../server/server.ts';
 import { parseArgs, type Config } from './args.ts';
 import { formatSize, UsageError } from './size.ts';
 
-/** How long a graceful stop waits for requests in flight. */
-const SHUTDOWN_TIMEOUT_MS = 5000;
-
 const QCOW2_MAGIC = Buffer.from('QFI\xfb', 'latin1');
 
 /** A failure to start, reported as one line without a stack trace. */
@@ -151,7 +148,7 @@ async function run(config: Config, log: Logger): Promise<void> {
       }
       stopping = true;
       log.info(`stopping: ${why}`);
-      await server.close(SHUTDOWN_TIMEOUT_MS);
+      await server.close(config.shutdownTimeoutSeconds * 1000);
       try {
         await node.close();
       } catch (err) {
