@@ -5,6 +5,9 @@ import type { BlockNode } from '../block/types.ts';
 import { BaseAllocationContext } from '../meta/base-allocation.ts';
 import type { MetaContext } from '../meta/context.ts';
 
+// The server decides holes in read replies with the block layer's zero test.
+export { isAllZero } from '../block/node.ts';
+
 export interface BlockSizeConstraints {
   minimum: number;
   preferred: number;

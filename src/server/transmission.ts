@@ -36,7 +36,7 @@ import {
   type Request,
   type ValidationContext,
 } from '../protocol/transmission.ts';
-import type { Extent } from '../block/types.ts';
+import { isAllZero } from '../exports/export.ts';
 import { errnoOf, nbdErrorFromErrno } from './errors.ts';
 import { exportFlags } from './flags.ts';
 import type { Session } from './negotiation.ts';
@@ -258,50 +258,15 @@ export class Transmission {
       this.#done(req, 0, 0);
       return this.#host.sendReply([encodeChunkNone(cookie)]);
     }
-    // "NBD_CMD_READ": with DF, one content chunk; otherwise holes may be
-    // sent as NBD_REPLY_TYPE_OFFSET_HOLE instead of zeroes.
-    const runs = (req.flags & NBD_CMD_FLAG_DF) !== 0 || !node.capabilities.canExtents ? null : await node.extents(offset, length);
-    if (runs === null || (runs.length === 1 && !runs[0]!.zero)) {
-      const data = await node.read(offset, length);
-      this.#done(req, 0, length);
-      return this.#host.sendReply([encodeChunkOffsetDataHeader(cookie, true, offset, length), data]);
-    }
-    const parts = await this.#sparseRead(cookie, offset, length, runs);
+    const data = await node.read(offset, length);
     this.#done(req, 0, length);
-    this.#host.sendReply(parts);
-  }
-
-  /** One chunk per run: zero runs as holes, the rest read into one buffer. */
-  async #sparseRead(cookie: bigint, offset: number, length: number, runs: Extent[]): Promise<Buffer[]> {
-    const node = this.#session.export.node;
-    const pieces: { offset: number; length: number; zero: boolean }[] = [];
-    let at = offset;
-    const end = offset + length;
-    for (const run of runs) {
-      if (at >= end) break;
-      const len = Math.min(run.length, end - at);
-      const last = pieces[pieces.length - 1];
-      if (last !== undefined && last.zero === run.zero) last.length += len;
-      else pieces.push({ offset: at, length: len, zero: run.zero });
-      at += len;
+    // "NBD_REPLY_TYPE_OFFSET_HOLE": a read that came back all zeroes is
+    // sent as a hole. Checking the data costs a memcmp; asking the node
+    // for extents first costs lseek calls that are O(file) on tmpfs.
+    if ((req.flags & NBD_CMD_FLAG_DF) === 0 && isAllZero(data)) {
+      return this.#host.sendReply([encodeChunkOffsetHole(cookie, true, offset, length)]);
     }
-    if (at < end) pieces.push({ offset: at, length: end - at, zero: false });
-
-    const buffer = Buffer.allocUnsafe(length);
-    await Promise.all(
-      pieces.filter((p) => !p.zero).map((p) => node.read(p.offset, p.length, buffer.subarray(p.offset - offset, p.offset - offset + p.length))),
-    );
-    const parts: Buffer[] = [];
-    pieces.forEach((p, i) => {
-      const done = i === pieces.length - 1;
-      if (p.zero) {
-        parts.push(encodeChunkOffsetHole(cookie, done, p.offset, p.length));
-      } else {
-        parts.push(encodeChunkOffsetDataHeader(cookie, done, p.offset, p.length));
-        parts.push(buffer.subarray(p.offset - offset, p.offset - offset + p.length));
-      }
-    });
-    return parts;
+    this.#host.sendReply([encodeChunkOffsetDataHeader(cookie, true, offset, length), data]);
   }
 
   async #blockStatus(req: Request): Promise<void> {
