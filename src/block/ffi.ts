@@ -38,6 +38,8 @@ interface Libc {
   fadvise: Fn;
   /** memmove(p, p, 0) returns p: the address of a Buffer's memory. */
   identity: Fn;
+  fstatfs: Fn;
+  preadv2: Fn;
 }
 
 let libcState: Libc | null | undefined;
@@ -57,6 +59,9 @@ function libc(): Libc | null {
       ioctl: lib.func('int ioctl(int fd, unsigned long request, ...)'),
       fadvise: lib.func('int posix_fadvise(int fd, int64_t offset, int64_t len, int advice)'),
       identity: lib.func('uintptr_t memmove(void *dst, const void *src, size_t n)'),
+      fstatfs: lib.func('int fstatfs(int fd, _Out_ uint8_t *buf)'),
+      // One iovec passed as a pointer to two 64-bit words { base, length }.
+      preadv2: lib.func('int64_t preadv2(int fd, const uint64_t *iov, int iovcnt, int64_t offset, int flags)'),
     };
   } catch {
     libcState = null;
@@ -165,4 +170,35 @@ export function allocAligned(length: number, align: number): Buffer | null {
   if (address === null) return null;
   const pad = (align - (address % align)) % align;
   return raw.subarray(pad, pad + length);
+}
+
+/** statfs.f_type of tmpfs and ramfs: memory-backed, reads never wait for a disk. */
+export const TMPFS_MAGIC = 0x01021994;
+export const RAMFS_MAGIC = 0x858458f6;
+const RWF_NOWAIT = 0x08;
+
+/** The filesystem type (statfs f_type) holding fd, or null without FFI. */
+export function filesystemType(fd: number): number | null {
+  const l = libc();
+  if (l === null) return null;
+  const buf = Buffer.alloc(256); // struct statfs is 120 bytes on x86_64 and arm64
+  if (l.fstatfs(fd, buf) !== 0) return null;
+  return Number(buf.readBigInt64LE(0));
+}
+
+/**
+ * preadv2(RWF_NOWAIT): read only what the page cache holds right now, never
+ * waiting for a disk. Returns the bytes read (0 at end of file), or -1 when
+ * the data is not cached (EAGAIN). Throws a BlockError otherwise
+ * (EOPNOTSUPP where the filesystem lacks RWF_NOWAIT).
+ */
+export function preadNowait(fd: number, buf: Buffer, position: number): number {
+  const l = need();
+  const address = bufferAddress(buf)!;
+  const iov = new BigUint64Array([BigInt(address), BigInt(buf.length)]);
+  const n = Number(l.preadv2(fd, iov, 1, position, RWF_NOWAIT));
+  if (n >= 0) return n;
+  const name = errnoName(l.koffi.errno());
+  if (name === 'EAGAIN' || name === 'EWOULDBLOCK') return -1;
+  throw new BlockError(name, `preadv2: ${errnoMessage(name)}`);
 }

@@ -29,6 +29,10 @@ import {
   seek,
   SEEK_DATA,
   SEEK_HOLE,
+  filesystemType,
+  preadNowait,
+  RAMFS_MAGIC,
+  TMPFS_MAGIC,
 } from './ffi.ts';
 import { RangeLock } from './range-lock.ts';
 import type { BlockCapabilities, BlockNode, DiscardMode, Extent, WriteOptions, ZeroOptions } from './types.ts';
@@ -63,6 +67,28 @@ function zeroes(): Buffer {
 
 const alignDown = (n: number): number => n - (n % DIRECT_ALIGN);
 const alignUp = (n: number): number => (n % DIRECT_ALIGN === 0 ? n : n - (n % DIRECT_ALIGN) + DIRECT_ALIGN);
+
+/** Buffered reads up to this size try the page cache on the event loop first. */
+const FAST_IO_MAX = 128 * 1024;
+
+/**
+ * 'memory': the file lives on tmpfs or ramfs, so a read never waits for a
+ * disk and is served synchronously. 'nowait': preadv2(RWF_NOWAIT) returns
+ * what the page cache holds and refuses the rest. 'none': always the pool.
+ */
+type FastIo = 'memory' | 'nowait' | 'none';
+
+function probeFastIo(fd: number): FastIo {
+  if (!ffiAvailable()) return 'none';
+  const type = filesystemType(fd);
+  if (type === TMPFS_MAGIC || type === RAMFS_MAGIC) return 'memory';
+  try {
+    preadNowait(fd, Buffer.alloc(1), 0);
+    return 'nowait';
+  } catch {
+    return 'none';
+  }
+}
 
 function preadOnce(fd: number, buf: Buffer, at: number, length: number, position: number): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -117,6 +143,8 @@ export class FileNode implements BlockNode {
   readonly #discard: DiscardMode;
   readonly #ffi: boolean;
   readonly #locks = new RangeLock();
+  /** How small buffered I/O may skip the thread pool (see FastIo). */
+  #fastIo: FastIo;
   #closing: Promise<void> | undefined;
 
   private constructor(init: {
@@ -139,6 +167,7 @@ export class FileNode implements BlockNode {
     this.isBlockDevice = init.blockDevice;
     this.#discard = init.discard;
     this.#ffi = ffiAvailable();
+    this.#fastIo = init.direct ? 'none' : probeFastIo(init.fd);
     const fileEnd = init.base + init.size;
     this.#tailStart = init.tailFd === null ? Infinity : alignDown(fileEnd);
     const writable = !init.readOnly;
@@ -206,6 +235,41 @@ export class FileNode implements BlockNode {
 
   // --- plain positional I/O (file coordinates) ---
 
+  #writeNow(data: Buffer, position: number): void {
+    let done = 0;
+    while (done < data.length) {
+      const n = fs.writeSync(this.#fd, data, done, data.length - done, position + done);
+      if (n === 0) throw new BlockError('ENOSPC', 'No space left on device');
+      done += n;
+    }
+  }
+
+  /**
+   * Read what can be read without waiting for a disk, on this thread: a
+   * thread-pool round trip costs far more than copying a few pages out of
+   * the page cache. Returns the bytes placed in buf (the rest goes async).
+   */
+  #readNow(buf: Buffer, position: number): number {
+    try {
+      if (this.#fastIo === 'memory') {
+        let done = 0;
+        while (done < buf.length) {
+          const n = fs.readSync(this.#fd, buf, done, buf.length - done, position + done);
+          if (n === 0) {
+            buf.fill(0, done); // past the end of the file
+            return buf.length;
+          }
+          done += n;
+        }
+        return done;
+      }
+      if (this.#fastIo === 'nowait') return Math.max(0, preadNowait(this.#fd, buf, position));
+    } catch {
+      this.#fastIo = 'none'; // never again; the thread pool path reports real errors
+    }
+    return 0;
+  }
+
   /** Fill buf from `position`; bytes past the end of the file read as zeroes. */
   async #readFull(fd: number, buf: Buffer, position: number, direct: boolean): Promise<void> {
     let done = 0;
@@ -237,7 +301,8 @@ export class FileNode implements BlockNode {
       const p = this.#base + offset;
       if (!this.direct) {
         const out = into === undefined ? Buffer.allocUnsafe(length) : into.subarray(0, length);
-        await this.#readFull(this.#fd, out, p, false);
+        const now = length <= FAST_IO_MAX ? this.#readNow(out, p) : 0;
+        if (now < length) await this.#readFull(this.#fd, out.subarray(now), p + now, false);
         return out;
       }
       const end = p + length;
@@ -303,7 +368,11 @@ export class FileNode implements BlockNode {
 
   /** Write data at file position p (no FUA). */
   async #write(p: number, data: Buffer): Promise<void> {
-    if (!this.direct) return this.#writeFull(this.#fd, data, p);
+    if (!this.direct) {
+      // On tmpfs a write is a copy into memory: do it here, not in the pool.
+      if (this.#fastIo === 'memory' && data.length <= FAST_IO_MAX) return this.#writeNow(data, p);
+      return this.#writeFull(this.#fd, data, p);
+    }
     const e = p + data.length;
     await this.#locks.with(alignDown(p), alignUp(e), async () => {
       const directEnd = Math.min(e, this.#tailStart);

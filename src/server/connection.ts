@@ -31,6 +31,8 @@ export class Connection {
   #session: Session | null = null;
   #closed = false;
   #handshakeTimer: NodeJS.Timeout | undefined;
+  #replies: Buffer[] = [];
+  #flushScheduled = false;
 
   constructor(id: number, socket: Socket, owner: ConnectionOwner) {
     this.id = id;
@@ -87,6 +89,7 @@ export class Connection {
     clearTimeout(this.#handshakeTimer);
     this.#debug(`closing: ${reason}`);
     // Let queued replies reach the client, then release the socket.
+    this.#flushReplies();
     this.socket.end();
     this.socket.destroySoon();
   }
@@ -105,13 +108,7 @@ export class Connection {
     this.#owner.negotiated?.(this, session);
     this.#transmission = new Transmission(
       {
-        sendReply: (parts) => {
-          // A reply to a client that has gone is dropped, not an error.
-          if (this.#closed || this.socket.destroyed) return;
-          this.socket.cork();
-          for (const part of parts) this.socket.write(part);
-          this.socket.uncork();
-        },
+        sendReply: (parts) => this.#queueReply(parts),
         close: (reason) => this.close(reason),
         progress: () => this.#pump(),
         debug: (msg) => this.#debug(msg),
@@ -122,6 +119,32 @@ export class Connection {
       this.#owner.limits,
     );
   }
+
+  /**
+   * Replies finished in one turn of the event loop leave in one writev:
+   * they are queued here and flushed corked from setImmediate, after the
+   * loop has delivered every completion that was ready.
+   */
+  #queueReply(parts: Buffer[]): void {
+    // A reply to a client that has gone is dropped, not an error.
+    if (this.#closed || this.socket.destroyed) return;
+    for (const part of parts) this.#replies.push(part);
+    if (!this.#flushScheduled) {
+      this.#flushScheduled = true;
+      setImmediate(this.#flushReplies);
+    }
+  }
+
+  readonly #flushReplies = (): void => {
+    this.#flushScheduled = false;
+    const replies = this.#replies;
+    if (replies.length === 0 || this.socket.destroyed || this.socket.writableEnded) return;
+    this.#replies = [];
+    this.socket.cork();
+    for (const part of replies) this.socket.write(part);
+    this.socket.uncork();
+    if (this.socket.writableNeedDrain) this.#pump();
+  };
 
   #pump(): void {
     if (this.#closed) return;

@@ -1,0 +1,241 @@
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { describe, test } from 'node:test';
+import { NBD_CMD_DISC, NBD_CMD_READ, NBD_CMD_WRITE, NBD_OPT_GO } from '../protocol/constants.ts';
+import { lstr, requestBytes, u16, u32 } from '../protocol/test-helpers.ts';
+import { NbdServer } from './server.ts';
+import { FakeNode, makeExport, optionBytes, parseOptionReplies, parseSimpleReply, registryOf } from './test-helpers.ts';
+
+const t = { timeout: 5_000 };
+const GREETING = '4e42444d4147494349484156454f50540003';
+
+/** A raw client that records every byte it receives. */
+interface RawClient {
+  socket: net.Socket;
+  received(): Buffer;
+  /** Resolves once at least `n` bytes have arrived; rejects after `ms`. */
+  waitBytes(n: number, ms?: number): Promise<Buffer>;
+  closed: Promise<void>;
+}
+
+function connect(socketPath: string): Promise<RawClient> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    const socket = net.connect({ path: socketPath });
+    const closed = new Promise<void>((r) => socket.once('close', () => r()));
+    socket.on('data', (c: Buffer) => chunks.push(c));
+    socket.once('error', reject);
+    socket.once('connect', () =>
+      resolve({
+        socket,
+        closed,
+        received: () => Buffer.concat(chunks),
+        waitBytes: async (n, ms = 2000) => {
+          const deadline = Date.now() + ms;
+          while (Buffer.concat(chunks).length < n) {
+            if (Date.now() > deadline) throw new Error(`timed out waiting for ${n} bytes`);
+            await new Promise((r) => setTimeout(r, 5));
+          }
+          return Buffer.concat(chunks);
+        },
+      }),
+    );
+  });
+}
+
+async function withServer(
+  opts: { maxConnections: number; persistent: boolean },
+  body: (server: NbdServer, socketPath: string, clients: RawClient[]) => Promise<void>,
+): Promise<void> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
+  const socketPath = path.join(dir, 'nbd.sock');
+  const server = new NbdServer({
+    exports: registryOf(makeExport({ name: 'a' })),
+    maxConnections: opts.maxConnections,
+    persistent: opts.persistent,
+    handshakeLimitMs: 0,
+  });
+  const clients: RawClient[] = [];
+  try {
+    await server.listenUnix(socketPath);
+    await body(server, socketPath, clients);
+  } finally {
+    for (const c of clients) c.socket.destroy();
+    await server.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+describe('NbdServer on a Unix socket', () => {
+  test('maxConnections 1: a second client gets no greeting until the first leaves', t, async () => {
+    await withServer({ maxConnections: 1, persistent: true }, async (server, socketPath, clients) => {
+      const first = await connect(socketPath);
+      clients.push(first);
+      assert.equal((await first.waitBytes(18)).toString('hex'), GREETING);
+
+      const second = await connect(socketPath);
+      clients.push(second);
+      await sleep(300);
+      assert.equal(second.received().length, 0, 'held before the greeting');
+      assert.equal(server.connections.size, 1);
+
+      first.socket.end();
+      await first.closed;
+      assert.equal((await second.waitBytes(18)).toString('hex'), GREETING);
+      assert.equal(server.connections.size, 1);
+    });
+  });
+
+  test('a waiting client that gives up does not take the slot', t, async () => {
+    await withServer({ maxConnections: 1, persistent: true }, async (_server, socketPath, clients) => {
+      const first = await connect(socketPath);
+      const quitter = await connect(socketPath);
+      const third = await connect(socketPath);
+      clients.push(first, quitter, third);
+      await first.waitBytes(18);
+      quitter.socket.destroy();
+      await quitter.closed;
+      await sleep(50);
+      first.socket.end();
+      assert.equal((await third.waitBytes(18)).toString('hex'), GREETING);
+    });
+  });
+
+  test("persistent: false emits 'idle' after the last client leaves", t, async () => {
+    await withServer({ maxConnections: 0, persistent: false }, async (server, socketPath, clients) => {
+      let idle = 0;
+      server.on('idle', () => idle++);
+      const a = await connect(socketPath);
+      const b = await connect(socketPath);
+      clients.push(a, b);
+      await a.waitBytes(18);
+      await b.waitBytes(18);
+      assert.equal(idle, 0, 'not before any client has left');
+      a.socket.end();
+      await a.closed;
+      await sleep(50);
+      assert.equal(idle, 0, 'not while a client remains');
+      const gotIdle = new Promise<void>((r) => server.once('idle', () => r()));
+      b.socket.end();
+      await Promise.race([gotIdle, sleep(2000).then(() => assert.fail("no 'idle' event"))]);
+      assert.equal(idle, 1);
+    });
+  });
+
+  test("persistent: true never emits 'idle'", t, async () => {
+    await withServer({ maxConnections: 0, persistent: true }, async (server, socketPath) => {
+      let idle = 0;
+      server.on('idle', () => idle++);
+      const a = await connect(socketPath);
+      await a.waitBytes(18);
+      a.socket.end();
+      await a.closed;
+      await sleep(100);
+      assert.equal(idle, 0);
+    });
+  });
+
+  test('close() removes the socket file and drops connected and waiting clients', t, async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
+    const socketPath = path.join(dir, 'nbd.sock');
+    const server = new NbdServer({ exports: registryOf(makeExport({ name: 'a' })), maxConnections: 1, persistent: true, handshakeLimitMs: 0 });
+    const clients: RawClient[] = [];
+    try {
+      await server.listenUnix(socketPath);
+      assert.ok(fs.statSync(socketPath).isSocket());
+      clients.push(await connect(socketPath), await connect(socketPath));
+      await clients[0]!.waitBytes(18);
+      await server.close();
+      assert.equal(fs.existsSync(socketPath), false, 'socket file removed');
+      await Promise.race([Promise.all(clients.map((c) => c.closed)), sleep(2000).then(() => assert.fail('clients not dropped'))]);
+      assert.equal(server.connections.size, 0);
+    } finally {
+      for (const c of clients) c.socket.destroy();
+      await server.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('end to end: GO, pipelined WRITE and READ, DISC; the server then closes', t, async () => {
+    const node = new FakeNode(1024 * 1024);
+    node.fill(4096, Buffer.from('wxyz'));
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
+    const socketPath = path.join(dir, 'nbd.sock');
+    const server = new NbdServer({ exports: registryOf(makeExport({ name: 'a', node })), maxConnections: 0, persistent: true, handshakeLimitMs: 0 });
+    let client: RawClient | undefined;
+    try {
+      await server.listenUnix(socketPath);
+      client = await connect(socketPath);
+      await client.waitBytes(18);
+      client.socket.write(
+        Buffer.concat([
+          u32(3),
+          optionBytes(NBD_OPT_GO, Buffer.concat([lstr('a'), u16(0)])),
+          requestBytes({ type: NBD_CMD_WRITE, cookie: 1n, offset: 0, length: 4 }),
+          Buffer.from('abcd'),
+          requestBytes({ type: NBD_CMD_READ, cookie: 2n, offset: 4096, length: 4 }),
+          requestBytes({ type: NBD_CMD_DISC, cookie: 3n, offset: 0, length: 0 }),
+        ]),
+      );
+      await Promise.race([client.closed, sleep(2000).then(() => assert.fail('server did not close after DISC'))]);
+      const got = client.received();
+      assert.equal(got.subarray(0, 18).toString('hex'), GREETING);
+      const options = got.subarray(18, 18 + 86);
+      assert.deepEqual(
+        parseOptionReplies(options).map((r) => [r.option, r.type, r.data.toString('hex')]),
+        [
+          [NBD_OPT_GO, 3, '0003' + '00000001' + '00001000' + '02000000'],
+          [NBD_OPT_GO, 3, '0000' + '0000000000100000' + '0c6d'],
+          [NBD_OPT_GO, 1, ''],
+        ],
+      );
+      // Two simple replies, in either order; the read's carries 4 bytes.
+      const rest = got.subarray(18 + 86);
+      assert.equal(rest.length, 16 + 16 + 4);
+      const first = parseSimpleReply(rest.subarray(0, rest.readBigUInt64BE(8) === 2n ? 20 : 16));
+      const second = parseSimpleReply(rest.subarray(first.cookie === 2n ? 20 : 16));
+      const byCookie = new Map([first, second].map((r) => [r.cookie, r]));
+      assert.deepEqual([...byCookie.keys()].sort(), [1n, 2n]);
+      assert.equal(byCookie.get(1n)!.error, 0);
+      assert.equal(byCookie.get(1n)!.data.length, 0);
+      assert.equal(byCookie.get(2n)!.error, 0);
+      assert.equal(byCookie.get(2n)!.data.toString(), 'wxyz');
+      assert.equal(node.data.subarray(0, 4).toString(), 'abcd');
+    } finally {
+      client?.socket.destroy();
+      await server.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('listenUnix replaces a stale socket file', t, async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
+    const socketPath = path.join(dir, 'nbd.sock');
+    // A socket file nobody listens on: bind, then drop the listener without unlinking.
+    const stale = net.createServer();
+    const server = new NbdServer({ exports: registryOf(makeExport({ name: 'a' })), maxConnections: 0, persistent: true, handshakeLimitMs: 0 });
+    try {
+      await new Promise<void>((r) => stale.listen(socketPath, () => r()));
+      // Rename away and back, so closing the listener does not unlink our path.
+      fs.renameSync(socketPath, socketPath + '.tmp');
+      await new Promise<void>((r) => stale.close(() => r()));
+      fs.renameSync(socketPath + '.tmp', socketPath);
+      assert.ok(fs.statSync(socketPath).isSocket());
+      await server.listenUnix(socketPath);
+      const c = await connect(socketPath);
+      try {
+        assert.equal((await c.waitBytes(18)).toString('hex'), GREETING);
+      } finally {
+        c.socket.destroy();
+      }
+    } finally {
+      await server.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

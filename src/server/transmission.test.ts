@@ -1,0 +1,473 @@
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { BlockError } from '../block/types.ts';
+import type { MetaContext, StatusRun } from '../meta/context.ts';
+import {
+  NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_CACHE,
+  NBD_CMD_DISC,
+  NBD_CMD_FLAG_DF,
+  NBD_CMD_FLAG_FUA,
+  NBD_CMD_FLAG_REQ_ONE,
+  NBD_CMD_FLUSH,
+  NBD_CMD_READ,
+  NBD_CMD_TRIM,
+  NBD_CMD_WRITE,
+  NBD_CMD_WRITE_ZEROES,
+  NBD_EINVAL,
+  NBD_EIO,
+  NBD_ENOSPC,
+  NBD_EPERM,
+  NBD_ESHUTDOWN,
+} from '../protocol/constants.ts';
+import { ByteQueue } from '../protocol/byte-queue.ts';
+import { hex, requestBytes, toHex } from '../protocol/test-helpers.ts';
+import type { Export } from '../exports/export.ts';
+import { Transmission, type TransmissionLimits } from './transmission.ts';
+import {
+  deferred,
+  FakeNode,
+  FakeTransmissionHost,
+  makeExport,
+  parseChunks,
+  parseSimpleReply,
+  settle,
+  waitFor,
+  type ExportSpec,
+} from './test-helpers.ts';
+
+const t = { timeout: 10_000 };
+const MiB = 1024 * 1024;
+const BIG = 0xfeedface00000000n; // cookies use all 64 bits
+
+interface Setup {
+  node: FakeNode;
+  exp: Export;
+  host: FakeTransmissionHost;
+  tx: Transmission;
+  queue: ByteQueue;
+  /** Push bytes and feed, whole or one byte at a time. */
+  feed(bytes: Buffer, mode?: 'whole' | 'bytewise'): void;
+}
+
+function setup(
+  opts: {
+    structured?: boolean;
+    contexts?: (exp: Export) => readonly MetaContext[];
+    limits?: TransmissionLimits;
+    spec?: Partial<ExportSpec>;
+  } = {},
+): Setup {
+  const node = opts.spec?.node ?? new FakeNode(opts.spec?.size ?? MiB);
+  const exp = makeExport({ name: 'e', ...opts.spec, node });
+  const host = new FakeTransmissionHost();
+  const tx = new Transmission(
+    host,
+    { export: exp, structuredReplies: opts.structured ?? false, metaContexts: [...(opts.contexts?.(exp) ?? [])], via: 'go' },
+    opts.limits,
+  );
+  const queue = new ByteQueue();
+  // As Connection does: when work drains, parse again.
+  host.onProgress = () => tx.feed(queue);
+  const feed = (bytes: Buffer, mode: 'whole' | 'bytewise' = 'whole') => {
+    if (mode === 'whole') {
+      queue.push(bytes);
+      tx.feed(queue);
+    } else {
+      for (let i = 0; i < bytes.length; i++) {
+        queue.push(bytes.subarray(i, i + 1));
+        tx.feed(queue);
+      }
+    }
+  };
+  return { node, exp, host, tx, queue, feed };
+}
+
+const rq = (type: number, cookie: bigint, offset: number, length: number, flags = 0) => requestBytes({ type, cookie, offset, length, flags });
+const cookiesOf = (host: FakeTransmissionHost) => host.replies.map((r) => parseSimpleReply(r).cookie);
+
+describe('Transmission', () => {
+  for (const mode of ['whole', 'bytewise'] as const) {
+    test(`pipelined requests are each answered once with their cookie (fed ${mode})`, t, async () => {
+      const s = setup();
+      const pattern = Buffer.alloc(512, 0x5a);
+      s.node.fill(8192, pattern);
+      s.feed(
+        Buffer.concat([
+          rq(NBD_CMD_WRITE, BIG + 1n, 0, 4),
+          Buffer.from('abcd'),
+          rq(NBD_CMD_READ, BIG + 2n, 8192, 512),
+          rq(NBD_CMD_FLUSH, BIG + 3n, 0, 0),
+          rq(NBD_CMD_TRIM, BIG + 4n, 4096, 4096),
+          rq(NBD_CMD_WRITE_ZEROES, BIG + 5n, 12288, 4096, NBD_CMD_FLAG_FUA),
+          rq(NBD_CMD_CACHE, BIG + 6n, 0, 4096),
+          rq(NBD_CMD_READ, BIG + 7n, 0, 0),
+          rq(NBD_CMD_WRITE, BIG + 8n, 16, 0),
+        ]),
+        mode,
+      );
+      await waitFor(() => s.host.replies.length >= 8, 2000, '8 replies');
+      await settle();
+      assert.equal(s.host.replies.length, 8);
+      const replies = s.host.replies.map(parseSimpleReply);
+      assert.deepEqual(
+        replies.map((r) => r.cookie).sort((x, y) => (x < y ? -1 : 1)),
+        [1n, 2n, 3n, 4n, 5n, 6n, 7n, 8n].map((n) => BIG + n),
+      );
+      for (const r of replies) {
+        assert.equal(r.error, 0, `cookie ${r.cookie}`);
+        assert.equal(r.data.length, r.cookie === BIG + 2n ? 512 : 0);
+      }
+      assert.equal(toHex(replies.find((r) => r.cookie === BIG + 2n)!.data), toHex(pattern));
+      assert.equal(s.node.data.subarray(0, 4).toString(), 'abcd');
+      assert.deepEqual(
+        s.node.calls.map((c) => c.op),
+        ['write', 'read', 'flush', 'trim', 'writeZeroes', 'cache'],
+        'zero-length requests do not reach the node',
+      );
+      assert.equal(s.queue.length, 0);
+      assert.deepEqual(s.host.closed, []);
+      assert.equal(s.tx.inflight, 0);
+    });
+  }
+
+  test('simple reply bytes for a read are header then data', t, async () => {
+    const s = setup();
+    s.node.fill(0, Buffer.from('hello!!!'));
+    s.feed(rq(NBD_CMD_READ, 0x0102030405060708n, 0, 8));
+    await waitFor(() => s.host.replies.length === 1);
+    assert.equal(toHex(s.host.replies[0]!), toHex(hex('67446698 00000000 0102030405060708')) + toHex(Buffer.from('hello!!!')));
+  });
+
+  test('replies may complete out of order: a slow read and a fast one', t, async () => {
+    const s = setup();
+    const gate = deferred();
+    s.node.before = (op, offset) => (op === 'read' && offset === 0 ? gate.promise : undefined);
+    s.feed(Buffer.concat([rq(NBD_CMD_READ, 1n, 0, 512), rq(NBD_CMD_READ, 2n, 512, 512)]));
+    await waitFor(() => s.host.replies.length === 1);
+    await settle();
+    assert.deepEqual(cookiesOf(s.host), [2n]);
+    assert.equal(s.tx.inflight, 1);
+    gate.resolve();
+    await waitFor(() => s.host.replies.length === 2);
+    assert.deepEqual(cookiesOf(s.host), [2n, 1n]);
+  });
+
+  for (const mode of ['whole', 'bytewise'] as const) {
+    test(`a rejected WRITE has its payload drained and the next request is parsed (fed ${mode})`, t, async () => {
+      const s = setup({ spec: { blockSize: { minimum: 1, preferred: 4096, maximum: 4096 } } });
+      // Payloads that look like requests: if parsed, they would be answered.
+      const decoy = rq(NBD_CMD_READ, 99n, 0, 4);
+      const big = Buffer.alloc(8192);
+      for (let i = 0; i < big.length; i += 28) decoy.copy(big, i);
+      s.feed(
+        Buffer.concat([
+          rq(NBD_CMD_WRITE, 1n, MiB - 2, 28), // past the end: ENOSPC
+          decoy,
+          rq(NBD_CMD_WRITE, 2n, 0, 28, NBD_CMD_FLAG_DF), // bad flag: EINVAL
+          decoy,
+          rq(NBD_CMD_WRITE, 3n, 0, 8192), // over the maximum payload: EINVAL
+          big,
+          rq(NBD_CMD_READ, 4n, 0, 4),
+        ]),
+        mode,
+      );
+      await waitFor(() => s.host.replies.length >= 4);
+      await settle();
+      const replies = s.host.replies.map(parseSimpleReply);
+      assert.deepEqual(
+        replies.map((r) => [r.cookie, r.error]),
+        [
+          [1n, NBD_ENOSPC],
+          [2n, NBD_EINVAL],
+          [3n, NBD_EINVAL],
+          [4n, 0],
+        ],
+      );
+      assert.deepEqual(s.node.calls.map((c) => c.op), ['read']);
+      assert.equal(s.queue.length, 0);
+      assert.deepEqual(s.host.closed, []);
+    });
+  }
+
+  test('a WRITE to a read-only export is EPERM and its payload drained', t, async () => {
+    const s = setup({ spec: { readOnly: true } });
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 1n, 0, 28), rq(NBD_CMD_FLUSH, 77n, 0, 0), rq(NBD_CMD_FLUSH, 2n, 0, 0)]));
+    await waitFor(() => s.host.replies.length >= 2);
+    await settle();
+    assert.deepEqual(s.host.replies.map(parseSimpleReply).map((r) => [r.cookie, r.error]), [
+      [1n, NBD_EPERM],
+      [2n, 0],
+    ]);
+  });
+
+  test('bad request magic closes, and nothing after it is parsed', t, async () => {
+    const s = setup();
+    const bad = rq(NBD_CMD_READ, 1n, 0, 4);
+    bad.writeUInt32BE(0x25609514, 0);
+    s.feed(Buffer.concat([rq(NBD_CMD_FLUSH, 1n, 0, 0), bad, rq(NBD_CMD_FLUSH, 2n, 0, 0)]));
+    await settle();
+    assert.deepEqual(s.host.closed, ['bad request magic']);
+    assert.deepEqual(cookiesOf(s.host), [1n]);
+    s.feed(rq(NBD_CMD_FLUSH, 3n, 0, 0));
+    await settle();
+    assert.deepEqual(cookiesOf(s.host), [1n]);
+    assert.equal(s.host.closed.length, 1);
+  });
+
+  test('DISC with nothing in flight closes at once', t, async () => {
+    const s = setup();
+    s.feed(rq(NBD_CMD_DISC, 1n, 0, 0));
+    assert.equal(s.host.closed.length, 1);
+    assert.deepEqual(s.host.replies, [], 'DISC has no reply');
+  });
+
+  test('DISC waits for requests in flight, answers them, then closes; later requests are ignored', t, async () => {
+    const s = setup();
+    const gate = deferred();
+    s.node.before = (op) => (op === 'write' ? gate.promise : undefined);
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 1n, 0, 4), Buffer.from('wxyz'), rq(NBD_CMD_DISC, 2n, 0, 0), rq(NBD_CMD_FLUSH, 3n, 0, 0)]));
+    await settle();
+    assert.deepEqual(s.host.closed, []);
+    assert.deepEqual(s.host.replies, []);
+    gate.resolve();
+    await waitFor(() => s.host.closed.length > 0);
+    assert.deepEqual(cookiesOf(s.host), [1n]);
+    assert.deepEqual(s.host.closedAfter, [1], 'closed after the reply was sent');
+    assert.equal(s.host.closed.length, 1);
+    assert.deepEqual(s.node.calls.map((c) => c.op), ['write']);
+  });
+
+  test('saturated once in-flight bytes pass maxInflightBytes: parsing stops, and resumes on progress', t, async () => {
+    const s = setup({ limits: { maxInflightBytes: 1024, maxInflightRequests: 100 } });
+    const gates = [deferred(), deferred()];
+    let n = 0;
+    s.node.before = (op) => (op === 'read' ? gates[n++]?.promise : undefined);
+    s.feed(rq(NBD_CMD_READ, 1n, 0, 1000));
+    assert.equal(s.tx.saturated, false);
+    s.feed(rq(NBD_CMD_READ, 2n, 0, 100));
+    assert.equal(s.tx.saturated, true);
+    s.feed(rq(NBD_CMD_READ, 3n, 0, 4));
+    await settle();
+    assert.equal(s.queue.length, 28, 'the third request waits in the queue');
+    assert.equal(s.tx.inflight, 2);
+    gates[0]!.resolve();
+    await waitFor(() => s.host.replies.length >= 2);
+    await settle();
+    assert.equal(s.queue.length, 0, 'progress() let parsing resume');
+    assert.deepEqual(cookiesOf(s.host), [1n, 3n]);
+    assert.ok(s.host.progressCalls >= 1);
+    gates[1]!.resolve();
+    await waitFor(() => s.host.replies.length === 3);
+    assert.equal(s.tx.saturated, false);
+  });
+
+  test('write payloads count towards the in-flight bytes', t, async () => {
+    const s = setup({ limits: { maxInflightBytes: 4096, maxInflightRequests: 100 } });
+    const gate = deferred();
+    s.node.before = (op) => (op === 'write' ? gate.promise : undefined);
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 1n, 0, 4096), Buffer.alloc(4096, 1), rq(NBD_CMD_FLUSH, 2n, 0, 0)]));
+    assert.equal(s.tx.saturated, true);
+    assert.equal(s.queue.length, 28);
+    gate.resolve();
+    await waitFor(() => s.host.replies.length === 2);
+    assert.deepEqual(cookiesOf(s.host), [1n, 2n]);
+  });
+
+  test('saturated by the number of requests in flight too', t, async () => {
+    const s = setup({ limits: { maxInflightBytes: 1 << 30, maxInflightRequests: 2 } });
+    const gate = deferred();
+    s.node.before = () => gate.promise;
+    s.feed(Buffer.concat([rq(NBD_CMD_FLUSH, 1n, 0, 0), rq(NBD_CMD_FLUSH, 2n, 0, 0), rq(NBD_CMD_FLUSH, 3n, 0, 0)]));
+    assert.equal(s.tx.inflight, 2);
+    assert.equal(s.tx.saturated, true);
+    assert.equal(s.queue.length, 28);
+    gate.resolve();
+    await waitFor(() => s.host.replies.length === 3);
+  });
+
+  test('structured read of a hole is one OFFSET_HOLE chunk; with DF one OFFSET_DATA chunk', t, async () => {
+    const s = setup({ structured: true });
+    const c = 'feedface00000001';
+    s.feed(rq(NBD_CMD_READ, BIG + 1n, 4096, 8192));
+    await waitFor(() => s.host.replies.length === 1);
+    assert.equal(toHex(s.host.replies[0]!), toHex(hex(`668e33ef 0001 0002 ${c} 0000000c 0000000000001000 00002000`)));
+    s.feed(rq(NBD_CMD_READ, BIG + 1n, 4096, 8192, NBD_CMD_FLAG_DF));
+    await waitFor(() => s.host.replies.length === 2);
+    assert.equal(
+      toHex(s.host.replies[1]!),
+      toHex(Buffer.concat([hex(`668e33ef 0001 0001 ${c} 00002008 0000000000001000`), Buffer.alloc(8192)])),
+    );
+  });
+
+  test('structured read of data and hole together is one OFFSET_DATA chunk with the bytes', t, async () => {
+    const s = setup({ structured: true });
+    s.node.fill(0, Buffer.alloc(4096, 0x61));
+    s.feed(rq(NBD_CMD_READ, 5n, 2048, 4096));
+    await waitFor(() => s.host.replies.length === 1);
+    const chunks = parseChunks(s.host.replies[0]!);
+    assert.deepEqual(chunks.map((ch) => [ch.flags, ch.type, ch.cookie, ch.payload.length]), [[1, 1, 5n, 8 + 4096]]);
+    assert.equal(
+      toHex(chunks[0]!.payload),
+      toHex(Buffer.concat([hex('0000000000000800'), Buffer.alloc(2048, 0x61), Buffer.alloc(2048)])),
+    );
+  });
+
+  test('structured read of allocated zeroes is sent as a hole too', t, async () => {
+    const s = setup({ structured: true });
+    s.node.fill(0, Buffer.alloc(4096));
+    s.feed(rq(NBD_CMD_READ, 6n, 0, 4096));
+    await waitFor(() => s.host.replies.length === 1);
+    assert.equal(toHex(s.host.replies[0]!), toHex(hex('668e33ef 0001 0002 0000000000000006 0000000c 0000000000000000 00001000')));
+  });
+
+  test('structured read of all data is one OFFSET_DATA chunk; zero length is NONE', t, async () => {
+    const s = setup({ structured: true });
+    s.node.fill(0, Buffer.alloc(4096, 0x62));
+    s.feed(Buffer.concat([rq(NBD_CMD_READ, 1n, 0, 4096), rq(NBD_CMD_READ, 2n, 0, 0)]));
+    await waitFor(() => s.host.replies.length === 2);
+    const byCookie = new Map(s.host.replies.map((r) => [parseChunks(r)[0]!.cookie, parseChunks(r)]));
+    assert.deepEqual(byCookie.get(1n)!.map((ch) => [ch.flags, ch.type, ch.payload.length]), [[1, 1, 4104]]);
+    assert.equal(toHex(s.host.replies.find((r) => r.readBigUInt64BE(8) === 2n)!), toHex(hex('668e33ef 0001 0000 0000000000000002 00000000')));
+  });
+
+  test('a rejected structured READ gets an error chunk, never a simple reply', t, async () => {
+    const s = setup({ structured: true });
+    s.feed(rq(NBD_CMD_READ, 9n, MiB - 1, 2));
+    await waitFor(() => s.host.replies.length === 1);
+    const [chunk, ...rest] = parseChunks(s.host.replies[0]!);
+    assert.deepEqual(rest, []);
+    assert.equal(chunk!.type, 0x8001);
+    assert.equal(chunk!.flags, 1);
+    assert.equal(chunk!.payload.readUInt32BE(0), NBD_EINVAL);
+    assert.equal(chunk!.payload.readUInt16BE(4), chunk!.payload.length - 6);
+  });
+
+  test('BLOCK_STATUS on base:allocation: descriptors, and REQ_ONE gives one', t, async () => {
+    const s = setup({ structured: true, contexts: (exp) => [exp.metaContexts[0]!] });
+    s.node.fill(0, Buffer.alloc(4096, 1));
+    s.feed(rq(NBD_CMD_BLOCK_STATUS, 1n, 0, 65536));
+    await waitFor(() => s.host.replies.length === 1);
+    assert.equal(
+      toHex(s.host.replies[0]!),
+      toHex(hex('668e33ef 0001 0005 0000000000000001 00000014 00000000 00001000 00000000 0000f000 00000003')),
+    );
+    s.feed(rq(NBD_CMD_BLOCK_STATUS, 2n, 0, 65536, NBD_CMD_FLAG_REQ_ONE));
+    await waitFor(() => s.host.replies.length === 2);
+    assert.equal(toHex(s.host.replies[1]!), toHex(hex('668e33ef 0001 0005 0000000000000002 0000000c 00000000 00001000 00000000')));
+  });
+
+  test('BLOCK_STATUS with REQ_ONE: one descriptor clipped to the request length, one chunk per context', t, async () => {
+    // A context that reports more than asked, as the spec allows without REQ_ONE.
+    const maxRunsSeen: number[] = [];
+    const wide: MetaContext = {
+      name: 'test:wide',
+      async status(_offset: number, _length: number, maxRuns: number): Promise<StatusRun[]> {
+        maxRunsSeen.push(maxRuns);
+        return [
+          { length: MiB, flags: 5 },
+          { length: 10, flags: 0 },
+        ];
+      },
+    };
+    const s = setup({ structured: true, spec: { metaContexts: [wide] }, contexts: (exp) => [exp.metaContexts[0]!, exp.metaContexts[1]!] });
+    s.feed(rq(NBD_CMD_BLOCK_STATUS, 3n, 8192, 8192, NBD_CMD_FLAG_REQ_ONE));
+    await waitFor(() => s.host.replies.length === 1);
+    const chunks = parseChunks(s.host.replies[0]!);
+    assert.deepEqual(
+      chunks.map((ch) => [ch.flags, ch.type, toHex(ch.payload)]),
+      [
+        [0, 5, '00000000' + '00002000' + '00000003'],
+        [1, 5, '00000001' + '00002000' + '00000005'],
+      ],
+    );
+    assert.deepEqual(maxRunsSeen, [1]);
+  });
+
+  test('BLOCK_STATUS of zero length is EINVAL as an error chunk', t, async () => {
+    const s = setup({ structured: true, contexts: (exp) => [exp.metaContexts[0]!] });
+    s.feed(rq(NBD_CMD_BLOCK_STATUS, 4n, 0, 0));
+    await waitFor(() => s.host.replies.length === 1);
+    const [chunk] = parseChunks(s.host.replies[0]!);
+    assert.equal(chunk!.type, 0x8001);
+    assert.equal(chunk!.payload.readUInt32BE(0), NBD_EINVAL);
+  });
+
+  test('a node error becomes the NBD errno of that request only', t, async () => {
+    const s = setup();
+    s.node.before = (op, offset) => {
+      if (op === 'write' && offset === 4096) throw new BlockError('ENOSPC', 'disk full');
+      if (op === 'trim') throw new BlockError('EDQUOT');
+      if (op === 'cache') throw new Error('no code at all');
+    };
+    s.feed(
+      Buffer.concat([
+        rq(NBD_CMD_WRITE, 1n, 0, 4),
+        Buffer.from('aaaa'),
+        rq(NBD_CMD_WRITE, 2n, 4096, 4),
+        Buffer.from('bbbb'),
+        rq(NBD_CMD_WRITE, 3n, 8192, 4),
+        Buffer.from('cccc'),
+        rq(NBD_CMD_TRIM, 4n, 0, 512),
+        rq(NBD_CMD_CACHE, 5n, 0, 512),
+      ]),
+    );
+    await waitFor(() => s.host.replies.length === 5);
+    const got = new Map(s.host.replies.map(parseSimpleReply).map((r) => [r.cookie, r.error]));
+    assert.deepEqual(
+      [...got.entries()].sort((a, b) => Number(a[0] - b[0])),
+      [
+        [1n, 0],
+        [2n, NBD_ENOSPC],
+        [3n, 0],
+        [4n, NBD_ENOSPC],
+        [5n, NBD_EIO],
+      ],
+    );
+    assert.equal(s.node.data.subarray(8192, 8196).toString(), 'cccc');
+    assert.equal(s.host.warnings.length, 3);
+    assert.deepEqual(s.host.closed, []);
+  });
+
+  test('a node error on a structured READ is an error chunk', t, async () => {
+    const s = setup({ structured: true });
+    s.node.fill(0, Buffer.alloc(512, 1));
+    s.node.before = (op) => {
+      if (op === 'read') throw new BlockError('EIO', 'bad sector');
+    };
+    s.feed(rq(NBD_CMD_READ, 6n, 0, 512));
+    await waitFor(() => s.host.replies.length === 1);
+    const chunks = parseChunks(s.host.replies[0]!);
+    assert.equal(chunks.length, 1);
+    assert.equal(chunks[0]!.type, 0x8001);
+    assert.equal(chunks[0]!.flags, 1);
+    assert.equal(chunks[0]!.payload.readUInt32BE(0), NBD_EIO);
+    assert.equal(chunks[0]!.payload.subarray(6).toString(), 'bad sector');
+  });
+
+  test('after shutdown() new requests get ESHUTDOWN (write payloads still drained)', t, async () => {
+    const s = setup();
+    s.feed(rq(NBD_CMD_FLUSH, 1n, 0, 0));
+    await waitFor(() => s.host.replies.length === 1);
+    s.tx.shutdown();
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 2n, 0, 28), rq(NBD_CMD_FLUSH, 66n, 0, 0), rq(NBD_CMD_READ, 3n, 0, 4)]));
+    await settle();
+    assert.deepEqual(s.host.replies.map(parseSimpleReply).map((r) => [r.cookie, r.error, r.data.length]), [
+      [1n, 0, 0],
+      [2n, NBD_ESHUTDOWN, 0],
+      [3n, NBD_ESHUTDOWN, 0],
+    ]);
+  });
+
+  test('requestDone reports each request once with its errno and bytes', t, async () => {
+    const s = setup();
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 1n, 0, 4), Buffer.from('abcd'), rq(NBD_CMD_READ, 2n, 0, 16), rq(NBD_CMD_TRIM, 3n, MiB, 1)]));
+    await waitFor(() => s.host.replies.length === 3);
+    const events = [...s.host.events].sort((a, b) => a.command - b.command);
+    assert.deepEqual(events, [
+      { command: NBD_CMD_READ, error: 0, bytes: 16 },
+      { command: NBD_CMD_WRITE, error: 0, bytes: 4 },
+      { command: NBD_CMD_TRIM, error: NBD_EINVAL, bytes: 0 },
+    ]);
+  });
+});
