@@ -32,6 +32,7 @@ import {
   NBD_REQUEST_MAGIC,
   NBD_SIMPLE_REPLY_MAGIC,
   NBD_STRUCTURED_REPLY_MAGIC,
+  NBD_MAX_STRING,
   REQUEST_HEADER_LENGTH,
   SIMPLE_REPLY_HEADER_LENGTH,
   STRUCTURED_REPLY_HEADER_LENGTH,
@@ -225,7 +226,7 @@ export function encodeChunkBlockStatus(cookie: bigint, done: boolean, contextId:
  * NBD_REPLY_TYPE_ERROR_OFFSET adds u64 offset after the message.
  */
 export function encodeChunkError(cookie: bigint, done: boolean, error: number, message = '', offset?: number): Buffer {
-  const text = Buffer.from(message.slice(0, 4096), 'utf8').subarray(0, 4096);
+  const text = truncateUtf8(message, NBD_MAX_STRING);
   const payload = 6 + text.length + (offset === undefined ? 0 : 8);
   const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_LENGTH + payload);
   const type = offset === undefined ? NBD_REPLY_TYPE_ERROR : NBD_REPLY_TYPE_ERROR_OFFSET;
@@ -237,4 +238,17 @@ export function encodeChunkError(cookie: bigint, done: boolean, error: number, m
   at += 6 + text.length;
   if (offset !== undefined) b.writeBigUInt64BE(BigInt(offset), at);
   return b;
+}
+
+/**
+ * The UTF-8 bytes of `text`, cut to at most `max` bytes on a character
+ * boundary: a string on the wire is valid UTF-8 of at most 4096 bytes
+ * ("Conventions").
+ */
+export function truncateUtf8(text: string, max: number): Buffer {
+  const bytes = Buffer.from(text, 'utf8');
+  if (bytes.length <= max) return bytes;
+  let end = max;
+  while (end > 0 && (bytes[end]! & 0xc0) === 0x80) end--; // a continuation byte
+  return bytes.subarray(0, end);
 }

@@ -1,6 +1,8 @@
 // The one place an errno from storage becomes an NBD error ("Error values").
 // The caller logs the real error first; only the mapped value goes on the wire.
 import {
+  NBD_CMD_FLAG_DF,
+  NBD_CMD_FLAG_FAST_ZERO,
   NBD_EINVAL,
   NBD_EIO,
   NBD_ENOMEM,
@@ -27,9 +29,17 @@ const ERRNO_TO_NBD: Readonly<Record<string, number>> = {
   ESHUTDOWN: NBD_ESHUTDOWN,
 };
 
-/** errno name (from a BlockError or a Node system error) to NBD error; EIO when unknown. */
-export function nbdErrorFromErrno(code: string | undefined): number {
-  return (code !== undefined ? ERRNO_TO_NBD[code] : undefined) ?? NBD_EIO;
+/**
+ * errno name (from a BlockError or a Node system error) to NBD error; EIO
+ * when unknown. The request's flags count ("Error values"): ENOTSUP is only
+ * for a FAST_ZERO write-zeroes and EOVERFLOW only for a DF read; elsewhere
+ * they become EINVAL.
+ */
+export function nbdErrorFromErrno(code: string | undefined, commandFlags = 0): number {
+  const error = (code !== undefined ? ERRNO_TO_NBD[code] : undefined) ?? NBD_EIO;
+  if (error === NBD_ENOTSUP && (commandFlags & NBD_CMD_FLAG_FAST_ZERO) === 0) return NBD_EINVAL;
+  if (error === NBD_EOVERFLOW && (commandFlags & NBD_CMD_FLAG_DF) === 0) return NBD_EINVAL;
+  return error;
 }
 
 export function errnoOf(err: unknown): string | undefined {

@@ -6,6 +6,7 @@
 import {
   NBD_FLAG_FIXED_NEWSTYLE,
   NBD_FLAG_NO_ZEROES,
+  NBD_MAX_STRING,
   NBD_INFO_DESCRIPTION,
   NBD_INFO_NAME,
   NBD_OPT_ABORT,
@@ -42,6 +43,7 @@ import {
   encodeOptionReply,
   encodeServerEntry,
 } from '../protocol/handshake.ts';
+import { truncateUtf8 } from '../protocol/transmission.ts';
 import { decodeInfoRequest, decodeMetaContextRequest, decodeString } from '../protocol/options.ts';
 import { optionName, replyTypeName } from '../protocol/names.ts';
 import type { Export } from '../exports/export.ts';
@@ -187,7 +189,7 @@ export class Negotiation {
   /** An error reply carries a human-readable message ("Option reply types"). */
   #error(option: number, type: number, message: string): void {
     this.#host.debug(`option ${optionName(option)}: ${replyTypeName(type)}: ${message}`);
-    this.#reply(option, type, Buffer.from(message, 'utf8'));
+    this.#reply(option, type, truncateUtf8(message, NBD_MAX_STRING));
   }
 
   #optExportName(data: Buffer): void {

@@ -22,7 +22,7 @@ export class FakeNode implements BlockNode {
   /** 1 where the byte is allocated (data), 0 in a hole. */
   readonly allocated: Uint8Array;
   readonly capabilities: BlockCapabilities;
-  readonly calls: { op: Op; offset: number; length: number }[] = [];
+  readonly calls: { op: Op; offset: number; length: number; opts?: ZeroOptions }[] = [];
   before: ((op: Op, offset: number, length: number) => Promise<void> | void) | undefined;
 
   constructor(size: number, caps: Partial<BlockCapabilities> = {}) {
@@ -49,8 +49,8 @@ export class FakeNode implements BlockNode {
     this.allocated.fill(1, offset, offset + bytes.length);
   }
 
-  async #enter(op: Op, offset: number, length: number): Promise<void> {
-    this.calls.push({ op, offset, length });
+  async #enter(op: Op, offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+    this.calls.push(opts === undefined ? { op, offset, length } : { op, offset, length, opts });
     await this.before?.(op, offset, length);
   }
 
@@ -61,8 +61,8 @@ export class FakeNode implements BlockNode {
     return out;
   }
 
-  async write(offset: number, data: Buffer, _opts?: WriteOptions): Promise<void> {
-    await this.#enter('write', offset, data.length);
+  async write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
+    await this.#enter('write', offset, data.length, opts);
     this.fill(offset, data);
   }
 
@@ -70,14 +70,14 @@ export class FakeNode implements BlockNode {
     await this.#enter('flush', 0, 0);
   }
 
-  async trim(offset: number, length: number, _opts?: WriteOptions): Promise<void> {
-    await this.#enter('trim', offset, length);
+  async trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
+    await this.#enter('trim', offset, length, opts);
     this.data.fill(0, offset, offset + length);
     this.allocated.fill(0, offset, offset + length);
   }
 
   async writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
-    await this.#enter('writeZeroes', offset, length);
+    await this.#enter('writeZeroes', offset, length, opts);
     this.data.fill(0, offset, offset + length);
     this.allocated.fill(opts?.noHole === true ? 1 : 0, offset, offset + length);
   }

@@ -7,7 +7,9 @@ import {
   NBD_CMD_CACHE,
   NBD_CMD_DISC,
   NBD_CMD_FLAG_DF,
+  NBD_CMD_FLAG_FAST_ZERO,
   NBD_CMD_FLAG_FUA,
+  NBD_CMD_FLAG_NO_HOLE,
   NBD_CMD_FLAG_REQ_ONE,
   NBD_CMD_FLUSH,
   NBD_CMD_READ,
@@ -17,6 +19,8 @@ import {
   NBD_EINVAL,
   NBD_EIO,
   NBD_ENOSPC,
+  NBD_ENOTSUP,
+  NBD_EOVERFLOW,
   NBD_EPERM,
   NBD_ESHUTDOWN,
 } from '../protocol/constants.ts';
@@ -427,6 +431,57 @@ describe('Transmission', () => {
     assert.equal(s.node.data.subarray(8192, 8196).toString(), 'cccc');
     assert.equal(s.host.warnings.length, 3);
     assert.deepEqual(s.host.closed, []);
+  });
+
+  test('FUA, NO_HOLE and FAST_ZERO reach the node as options', t, async () => {
+    const s = setup();
+    s.feed(
+      Buffer.concat([
+        rq(NBD_CMD_WRITE, 1n, 0, 2, NBD_CMD_FLAG_FUA),
+        Buffer.from('hi'),
+        rq(NBD_CMD_WRITE, 2n, 8, 2),
+        Buffer.from('ho'),
+        rq(NBD_CMD_TRIM, 3n, 4096, 512, NBD_CMD_FLAG_FUA),
+        rq(NBD_CMD_WRITE_ZEROES, 4n, 8192, 512, NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO),
+        rq(NBD_CMD_WRITE_ZEROES, 5n, 8192, 512, NBD_CMD_FLAG_FUA),
+      ]),
+    );
+    await waitFor(() => s.host.replies.length === 5);
+    assert.deepEqual(
+      s.node.calls.map((c) => [c.op, c.opts]),
+      [
+        ['write', { fua: true }],
+        ['write', { fua: false }],
+        ['trim', { fua: true }],
+        ['writeZeroes', { fua: false, noHole: true, fast: true }],
+        ['writeZeroes', { fua: true, noHole: false, fast: false }],
+      ],
+    );
+  });
+
+  test('ENOTSUP from the node is NBD_ENOTSUP only for a FAST_ZERO write zeroes; EOVERFLOW only for a DF read', t, async () => {
+    // "Error values": SHOULD NOT return NBD_ENOTSUP except for WRITE_ZEROES
+    // with FAST_ZERO, nor NBD_EOVERFLOW except for READ with DF; STYLE: the
+    // errno mapping takes the request flags into account (nbdkit's nbd_errno).
+    const s = setup();
+    s.node.before = (op) => {
+      if (op === 'writeZeroes' || op === 'trim') throw new BlockError('ENOTSUP');
+      if (op === 'read') throw new BlockError('EOVERFLOW');
+    };
+    s.feed(
+      Buffer.concat([
+        rq(NBD_CMD_WRITE_ZEROES, 1n, 0, 512, NBD_CMD_FLAG_FAST_ZERO),
+        rq(NBD_CMD_WRITE_ZEROES, 2n, 0, 512),
+        rq(NBD_CMD_TRIM, 3n, 0, 512),
+        rq(NBD_CMD_READ, 4n, 0, 512),
+      ]),
+    );
+    await waitFor(() => s.host.replies.length === 4);
+    const got = new Map(s.host.replies.map(parseSimpleReply).map((r) => [r.cookie, r.error]));
+    assert.equal(got.get(1n), NBD_ENOTSUP);
+    assert.notEqual(got.get(2n), NBD_ENOTSUP, 'write zeroes without FAST_ZERO must not fail with ENOTSUP');
+    assert.notEqual(got.get(3n), NBD_ENOTSUP, 'trim must not fail with ENOTSUP');
+    assert.notEqual(got.get(4n), NBD_EOVERFLOW, 'a read without DF must not fail with EOVERFLOW');
   });
 
   test('a node error on a structured READ is an error chunk', t, async () => {

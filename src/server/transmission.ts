@@ -78,7 +78,9 @@ type State =
   | { name: 'header' }
   | { name: 'payload'; req: Request }
   | { name: 'drain'; left: number }
-  | { name: 'disconnecting' };
+  | { name: 'disconnecting' }
+  /** Framing lost: the connection is closing and nothing more is parsed. */
+  | { name: 'closed' };
 
 export class Transmission {
   readonly #host: TransmissionHost;
@@ -124,6 +126,7 @@ export class Transmission {
       const state = this.#state;
       switch (state.name) {
         case 'disconnecting':
+        case 'closed':
           return;
         case 'drain': {
           state.left -= queue.skip(state.left);
@@ -143,7 +146,7 @@ export class Transmission {
           const req = decodeRequest(queue.take(REQUEST_HEADER_LENGTH));
           if (req === null) {
             // "Request message": a bad magic means we lost framing; hang up.
-            this.#state = { name: 'disconnecting' };
+            this.#state = { name: 'closed' };
             this.#host.close('bad request magic');
             return;
           }
@@ -189,7 +192,7 @@ export class Transmission {
       .catch((err: unknown) => {
         const code = errnoOf(err);
         this.#host.warn(`${commandName(req.type)} offset ${req.offset} length ${req.length} failed: ${code ?? ''} ${(err as Error)?.message ?? err}`);
-        this.#replyError(req, nbdErrorFromErrno(code), (err as Error)?.message ?? 'I/O error');
+        this.#replyError(req, nbdErrorFromErrno(code, req.flags), (err as Error)?.message ?? 'I/O error');
       })
       .finally(() => {
         this.#inflight--;
