@@ -78,7 +78,11 @@ function refuseOtherFormats(path: string): void {
   }
   try {
     const head = Buffer.alloc(4);
-    fs.readSync(fd, head, 0, 4, 0);
+    try {
+      fs.readSync(fd, head, 0, 4, 0);
+    } catch {
+      return; // a directory, say: the real open says what is wrong
+    }
     if (head.equals(QCOW2_MAGIC)) {
       throw new StartError(`'${path}' is a qcow2 image, which is not supported yet; pass -f raw to serve its bytes as they are`);
     }
