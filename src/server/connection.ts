@@ -32,6 +32,8 @@ export class Connection {
   #closed = false;
   #handshakeTimer: NodeJS.Timeout | undefined;
   #replies: Buffer[] = [];
+  /** Run when the queued replies are written (they return budget bytes). */
+  #sentCallbacks: (() => void)[] = [];
   #flushScheduled = false;
 
   constructor(id: number, socket: Socket, owner: ConnectionOwner) {
@@ -108,7 +110,7 @@ export class Connection {
     this.#owner.negotiated?.(this, session);
     this.#transmission = new Transmission(
       {
-        sendReply: (parts) => this.#queueReply(parts),
+        sendReply: (parts, sent) => this.#queueReply(parts, sent),
         close: (reason) => this.close(reason),
         progress: () => this.#pump(),
         debug: (msg) => this.#debug(msg),
@@ -125,10 +127,14 @@ export class Connection {
    * they are queued here and flushed corked from setImmediate, after the
    * loop has delivered every completion that was ready.
    */
-  #queueReply(parts: Buffer[]): void {
+  #queueReply(parts: Buffer[], sent?: () => void): void {
     // A reply to a client that has gone is dropped, not an error.
-    if (this.#closed || this.socket.destroyed) return;
+    if (this.#closed || this.socket.destroyed) {
+      sent?.();
+      return;
+    }
     for (const part of parts) this.#replies.push(part);
+    if (sent !== undefined) this.#sentCallbacks.push(sent);
     if (!this.#flushScheduled) {
       this.#flushScheduled = true;
       setImmediate(this.#flushReplies);
@@ -138,10 +144,19 @@ export class Connection {
   readonly #flushReplies = (): void => {
     this.#flushScheduled = false;
     const replies = this.#replies;
-    if (replies.length === 0 || this.socket.destroyed || this.socket.writableEnded) return;
+    const callbacks = this.#sentCallbacks;
     this.#replies = [];
+    this.#sentCallbacks = [];
+    if (replies.length === 0 || this.socket.destroyed || this.socket.writableEnded) {
+      for (const cb of callbacks) cb();
+      return;
+    }
     this.socket.cork();
-    for (const part of replies) this.socket.write(part);
+    for (let i = 0; i < replies.length - 1; i++) this.socket.write(replies[i]!);
+    // The write callback runs when the batch is with the kernel, or with an error when the socket dies.
+    this.socket.write(replies[replies.length - 1]!, callbacks.length === 0 ? undefined : () => {
+      for (const cb of callbacks) cb();
+    });
     this.socket.uncork();
     if (this.socket.writableNeedDrain) this.#pump();
   };

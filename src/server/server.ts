@@ -9,6 +9,9 @@ import { Connection, type ConnectionOwner } from './connection.ts';
 import type { Session } from './negotiation.ts';
 import { DEFAULT_LIMITS, type RequestEvent, type TransmissionLimits } from './transmission.ts';
 import { silentLogger, type Logger } from './log.ts';
+import { ByteBudget } from './budget.ts';
+
+export const DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024;
 
 export interface ServerOptions {
   exports: ExportRegistry;
@@ -17,6 +20,11 @@ export interface ServerOptions {
   /** Keep running after the last client leaves (qemu-nbd's -t). */
   persistent: boolean;
   limits?: TransmissionLimits;
+  /**
+   * Bytes of request payloads and read replies held at once by all
+   * clients together (default 256 MiB); see budget.ts.
+   */
+  memoryBudget?: number;
   /** Drop clients still negotiating after this long; 0 = no limit. Default 10 s. */
   handshakeLimitMs?: number;
   log?: Logger;
@@ -49,7 +57,8 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
   constructor(opts: ServerOptions) {
     super();
     this.exports = opts.exports;
-    this.limits = opts.limits ?? DEFAULT_LIMITS;
+    const limits = opts.limits ?? DEFAULT_LIMITS;
+    this.limits = { ...limits, budget: limits.budget ?? new ByteBudget(opts.memoryBudget ?? DEFAULT_MEMORY_BUDGET) };
     this.handshakeLimitMs = opts.handshakeLimitMs ?? 10_000;
     this.log = opts.log ?? silentLogger;
     this.#maxConnections = opts.maxConnections;

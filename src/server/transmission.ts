@@ -39,13 +39,16 @@ import {
 import { isAllZero } from '../exports/export.ts';
 import { errnoOf, nbdErrorFromErrno } from './errors.ts';
 import { exportFlags } from './flags.ts';
+import type { ByteBudget } from './budget.ts';
 import type { Session } from './negotiation.ts';
 
 export interface TransmissionLimits {
-  /** Parsing pauses once this many payload/reply bytes are in flight. */
+  /** Parsing pauses once this many payload/reply bytes are in flight on one connection. */
   maxInflightBytes: number;
   /** ...or this many requests. */
   maxInflightRequests: number;
+  /** Shared by every connection of the server (see budget.ts); none = no global bound. */
+  budget?: ByteBudget;
 }
 
 export const DEFAULT_LIMITS: TransmissionLimits = {
@@ -64,8 +67,11 @@ export interface RequestEvent {
 }
 
 export interface TransmissionHost {
-  /** Write one whole reply; the parts go out corked, back to back. */
-  sendReply(parts: Buffer[]): void;
+  /**
+   * Write one whole reply; the parts go out corked, back to back. `sent`
+   * runs once the bytes are with the kernel, or the reply was dropped.
+   */
+  sendReply(parts: Buffer[], sent?: () => void): void;
   close(reason: string): void;
   /** Work drained: the connection may feed again. */
   progress(): void;
@@ -76,6 +82,7 @@ export interface TransmissionHost {
 
 type State =
   | { name: 'header' }
+  | { name: 'budget'; req: Request }
   | { name: 'payload'; req: Request }
   | { name: 'drain'; left: number }
   | { name: 'disconnecting' }
@@ -91,11 +98,14 @@ export class Transmission {
   #inflight = 0;
   #inflightBytes = 0;
   #shuttingDown = false;
+  /** Resumes parsing once the shared budget has room again. */
+  readonly #wake: () => void;
 
   constructor(host: TransmissionHost, session: Session, limits: TransmissionLimits = DEFAULT_LIMITS) {
     this.#host = host;
     this.#session = session;
     this.#limits = limits;
+    this.#wake = () => host.progress();
     const exp = session.export;
     this.#ctx = {
       size: exp.size,
@@ -134,6 +144,20 @@ export class Transmission {
           this.#state = { name: 'header' };
           break;
         }
+        case 'budget': {
+          // Hold the request until the shared budget has room for its bytes.
+          if (!this.#limits.budget!.tryTake(state.req.length)) {
+            this.#limits.budget!.waitFor(this.#wake);
+            return;
+          }
+          if (state.req.type === NBD_CMD_WRITE) {
+            this.#state = { name: 'payload', req: state.req };
+          } else {
+            this.#state = { name: 'header' };
+            this.#dispatch(state.req, undefined);
+          }
+          break;
+        }
         case 'payload': {
           if (queue.length < state.req.length) return;
           const payload = queue.take(state.req.length);
@@ -166,11 +190,15 @@ export class Transmission {
               if (req.length > 0) this.#state = { name: 'drain', left: req.length };
               break;
             }
-            this.#state = { name: 'payload', req };
+            this.#state = this.#limits.budget !== undefined ? { name: 'budget', req } : { name: 'payload', req };
             break;
           }
           if (error !== 0) {
             this.#replyError(req, error, 'request rejected');
+            break;
+          }
+          if (req.type === NBD_CMD_READ && this.#limits.budget !== undefined) {
+            this.#state = { name: 'budget', req };
             break;
           }
           this.#dispatch(req, undefined);
@@ -186,23 +214,28 @@ export class Transmission {
 
   #dispatch(req: Request, payload: Buffer | undefined): void {
     const cost = req.type === NBD_CMD_READ ? req.length : (payload?.length ?? 0);
+    // Budget bytes (taken in the 'budget' state) go back once the reply is with the kernel.
+    const budget = this.#limits.budget;
+    const held = budget !== undefined && (req.type === NBD_CMD_READ || req.type === NBD_CMD_WRITE) ? req.length : 0;
     this.#inflight++;
     this.#inflightBytes += cost;
     this.#run(req, payload)
       .catch((err: unknown) => {
         const code = errnoOf(err);
         this.#host.warn(`${commandName(req.type)} offset ${req.offset} length ${req.length} failed: ${code ?? ''} ${(err as Error)?.message ?? err}`);
-        this.#replyError(req, nbdErrorFromErrno(code, req.flags), (err as Error)?.message ?? 'I/O error');
+        return this.#errorReply(req, nbdErrorFromErrno(code, req.flags), (err as Error)?.message ?? 'I/O error');
       })
-      .finally(() => {
+      .then((parts) => {
         this.#inflight--;
         this.#inflightBytes -= cost;
+        this.#host.sendReply(parts, held > 0 ? () => budget!.give(held) : undefined);
         if (this.#state.name === 'disconnecting') this.#closeWhenIdle();
         else this.#host.progress();
       });
   }
 
-  async #run(req: Request, payload: Buffer | undefined): Promise<void> {
+  /** Run one validated request; resolves with its whole reply. */
+  async #run(req: Request, payload: Buffer | undefined): Promise<Buffer[]> {
     const node = this.#session.export.node;
     const fua = (req.flags & NBD_CMD_FLAG_FUA) !== 0;
     switch (req.type) {
@@ -233,33 +266,38 @@ export class Transmission {
         return this.#blockStatus(req);
     }
     this.#done(req, 0, req.type === NBD_CMD_WRITE ? req.length : 0);
-    this.#host.sendReply([encodeSimpleReply(req.cookie, 0)]);
+    return [encodeSimpleReply(req.cookie, 0)];
   }
 
   #done(req: Request, error: number, bytes: number): void {
     this.#host.requestDone?.({ command: req.type, error, bytes });
   }
 
-  #replyError(req: Request, error: number, message: string): void {
+  #errorReply(req: Request, error: number, message: string): Buffer[] {
     this.#host.debug(`reply ${commandName(req.type)} error ${errorLabel(error)}`);
     this.#done(req, error, 0);
     // Structured replies carry READ and BLOCK_STATUS errors as an error
     // chunk; every other command may use a simple reply ("Simple reply message").
     const structured = this.#session.structuredReplies && (req.type === NBD_CMD_READ || req.type === NBD_CMD_BLOCK_STATUS);
-    this.#host.sendReply([structured ? encodeChunkError(req.cookie, true, error, message) : encodeSimpleReply(req.cookie, error)]);
+    return [structured ? encodeChunkError(req.cookie, true, error, message) : encodeSimpleReply(req.cookie, error)];
   }
 
-  async #read(req: Request): Promise<void> {
+  /** Reply at once to a request refused before it ran. */
+  #replyError(req: Request, error: number, message: string): void {
+    this.#host.sendReply(this.#errorReply(req, error, message));
+  }
+
+  async #read(req: Request): Promise<Buffer[]> {
     const node = this.#session.export.node;
     const { offset, length, cookie } = req;
     if (!this.#session.structuredReplies) {
       const data = length > 0 ? await node.read(offset, length) : Buffer.alloc(0);
       this.#done(req, 0, length);
-      return this.#host.sendReply([encodeSimpleReply(cookie, 0), data]);
+      return [encodeSimpleReply(cookie, 0), data];
     }
     if (length === 0) {
       this.#done(req, 0, 0);
-      return this.#host.sendReply([encodeChunkNone(cookie)]);
+      return [encodeChunkNone(cookie)];
     }
     const data = await node.read(offset, length);
     this.#done(req, 0, length);
@@ -267,24 +305,23 @@ export class Transmission {
     // sent as a hole. Checking the data costs a memcmp; asking the node
     // for extents first costs lseek calls that are O(file) on tmpfs.
     if ((req.flags & NBD_CMD_FLAG_DF) === 0 && isAllZero(data)) {
-      return this.#host.sendReply([encodeChunkOffsetHole(cookie, true, offset, length)]);
+      return [encodeChunkOffsetHole(cookie, true, offset, length)];
     }
-    this.#host.sendReply([encodeChunkOffsetDataHeader(cookie, true, offset, length), data]);
+    return [encodeChunkOffsetDataHeader(cookie, true, offset, length), data];
   }
 
-  async #blockStatus(req: Request): Promise<void> {
+  async #blockStatus(req: Request): Promise<Buffer[]> {
     const { offset, length, cookie } = req;
     // "NBD_CMD_BLOCK_STATUS": a zero length is unspecified; refuse it without disconnecting.
-    if (length === 0) return this.#replyError(req, NBD_EINVAL, 'zero-length block status');
+    if (length === 0) return this.#errorReply(req, NBD_EINVAL, 'zero-length block status');
     const reqOne = (req.flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
     const exp = this.#session.export;
     const contexts = this.#session.metaContexts;
     const answers = await Promise.all(contexts.map((ctx) => ctx.status(offset, length, reqOne ? 1 : MAX_DESCRIPTORS)));
-    const parts = answers.map((runs, i) => {
+    this.#done(req, 0, 0);
+    return answers.map((runs, i) => {
       const descriptors = reqOne ? runs.slice(0, 1).map((r) => ({ length: Math.min(r.length, length), flags: r.flags })) : runs;
       return encodeChunkBlockStatus(cookie, i === answers.length - 1, exp.contextId(contexts[i]!), descriptors);
     });
-    this.#done(req, 0, 0);
-    this.#host.sendReply(parts);
   }
 }
