@@ -12,6 +12,8 @@ import { silentLogger, type Logger } from './log.ts';
 import { ByteBudget } from './budget.ts';
 
 export const DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024;
+/** After in-flight requests finish, how long a stopping server still answers ESHUTDOWN. */
+const SHUTDOWN_GRACE_MS = 200;
 
 export interface ServerOptions {
   exports: ExportRegistry;
@@ -174,6 +176,11 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     while ([...this.#active].some((c) => c.inflight > 0) && Date.now() < deadline) {
       await new Promise((r) => setTimeout(r, 10));
     }
+    // "Terminating the transmission phase": requests still arriving get
+    // NBD_ESHUTDOWN, to which a client answers with a soft disconnect;
+    // give them a moment for that before hanging up.
+    const grace = Math.min(SHUTDOWN_GRACE_MS, Math.max(0, deadline - Date.now()));
+    if (this.#active.size > 0 && grace > 0) await new Promise((r) => setTimeout(r, grace));
     for (const conn of this.#active) conn.socket.destroy();
     await Promise.all(closed);
   }
