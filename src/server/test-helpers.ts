@@ -192,8 +192,10 @@ export class FakeTransmissionHost implements TransmissionHost {
   readonly closedAfter: number[] = [];
   progressCalls = 0;
   onProgress: (() => void) | undefined;
-  sendReply(parts: Buffer[]): void {
+  sendReply(parts: Buffer[], sent?: () => void): void {
     this.replies.push(Buffer.concat(parts.map((p) => Buffer.from(p))));
+    // As if the bytes reached the kernel at once.
+    sent?.();
   }
   close(reason: string): void {
     this.closed.push(reason);

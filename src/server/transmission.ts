@@ -227,8 +227,18 @@ export class Transmission {
       })
       .then((parts) => {
         this.#inflight--;
-        this.#inflightBytes -= cost;
-        this.#host.sendReply(parts, held > 0 ? () => budget!.give(held) : undefined);
+        // Bytes count against this connection and the budget until the
+        // reply is with the kernel: a client that does not read its
+        // replies holds at most maxInflightBytes of memory.
+        const sent =
+          cost > 0 || held > 0
+            ? () => {
+                this.#inflightBytes -= cost;
+                if (held > 0) budget!.give(held);
+                if (this.#state.name !== 'disconnecting') this.#host.progress();
+              }
+            : undefined;
+        this.#host.sendReply(parts, sent);
         if (this.#state.name === 'disconnecting') this.#closeWhenIdle();
         else this.#host.progress();
       });
