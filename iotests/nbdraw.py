@@ -36,7 +36,6 @@ Typical use from a test script:
 """
 
 import hashlib
-
 import socket
 import struct
 import sys

@@ -44,6 +44,32 @@ export function isAllZero(buf: Buffer): boolean {
   return true;
 }
 
+export interface ZeroRun {
+  offset: number;
+  length: number;
+  zero: boolean;
+}
+
+/**
+ * Split `buf` (the bytes at `offset`) into runs of all-zero and other
+ * granules, granules aligned to `granule` in absolute offsets; adjacent
+ * runs of the same kind are merged. One memcmp per granule, each stopping
+ * at its first non-zero byte.
+ */
+export function zeroRuns(buf: Buffer, offset: number, granule = 4096): ZeroRun[] {
+  const runs: ZeroRun[] = [];
+  let at = 0;
+  while (at < buf.length) {
+    const end = Math.min(buf.length, at + granule - ((offset + at) % granule));
+    const zero = buf.subarray(at, end).equals(ZERO_BUFFER.subarray(0, end - at));
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last.zero === zero) last.length += end - at;
+    else runs.push({ offset: offset + at, length: end - at, zero });
+    at = end;
+  }
+  return runs;
+}
+
 export class CheckedNode implements BlockNode {
   readonly size: number;
   readonly capabilities: BlockCapabilities;

@@ -5,8 +5,8 @@ import type { BlockNode } from '../block/types.ts';
 import { BaseAllocationContext } from '../meta/base-allocation.ts';
 import type { MetaContext } from '../meta/context.ts';
 
-// The server decides holes in read replies with the block layer's zero test.
-export { isAllZero } from '../block/node.ts';
+// The server finds holes in read replies with the block layer's zero tests.
+export { isAllZero, zeroRuns } from '../block/node.ts';
 
 export interface BlockSizeConstraints {
   minimum: number;

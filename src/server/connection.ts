@@ -158,8 +158,17 @@ export class Connection {
       for (const cb of callbacks) cb();
     });
     this.socket.uncork();
-    if (this.socket.writableNeedDrain) this.#pump();
+    if (this.#repliesBacklogged) this.#pump();
   };
+
+  /**
+   * Replies the client has not read yet pass the connection's bound. Not
+   * Node's 16 KiB high-water mark: a client may send many requests before
+   * it reads any reply, and stopping then would deadlock us both.
+   */
+  get #repliesBacklogged(): boolean {
+    return this.socket.writableLength >= this.#owner.limits.maxInflightBytes;
+  }
 
   #pump(): void {
     if (this.#closed) return;
@@ -172,7 +181,7 @@ export class Connection {
     if (this.#transmission !== null && !this.#closed) this.#transmission.feed(this.#queue);
     if (this.#closed) return;
     // Stop reading while we are saturated or the client does not read replies.
-    const hold = this.socket.writableNeedDrain || (this.#transmission?.saturated ?? false);
+    const hold = this.#repliesBacklogged || (this.#transmission?.saturated ?? false);
     if (hold) this.socket.pause();
     else if (this.socket.isPaused()) this.socket.resume();
   }

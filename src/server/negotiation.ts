@@ -235,10 +235,10 @@ export class Negotiation {
     const exp = this.#host.exports.get(name);
     if (exp === undefined) return this.#error(option, NBD_REP_ERR_UNKNOWN, `export '${name}' not present`);
 
-    // qemu-nbd's order: NAME and DESCRIPTION when asked, BLOCK_SIZE always
-    // (clients that did not ask may ignore it), EXPORT last.
+    // As qemu-nbd: NAME when asked, DESCRIPTION whenever there is one,
+    // BLOCK_SIZE always (clients ignore what they did not ask for), EXPORT last.
     if (requests.includes(NBD_INFO_NAME)) this.#reply(option, NBD_REP_INFO, encodeInfoString(NBD_INFO_NAME, exp.name));
-    if (requests.includes(NBD_INFO_DESCRIPTION) && exp.description !== '') {
+    if (exp.description !== '') {
       this.#reply(option, NBD_REP_INFO, encodeInfoString(NBD_INFO_DESCRIPTION, exp.description));
     }
     const bs = exp.blockSize;

@@ -304,13 +304,27 @@ describe('Transmission', () => {
     );
   });
 
-  test('structured read of data and hole together is one OFFSET_DATA chunk with the bytes', t, async () => {
+  test('structured read of data then zeroes is an OFFSET_DATA chunk then an OFFSET_HOLE chunk (4 KiB granules)', t, async () => {
     const s = setup({ structured: true });
     s.node.fill(0, Buffer.alloc(4096, 0x61));
     s.feed(rq(NBD_CMD_READ, 5n, 2048, 4096));
     await waitFor(() => s.host.replies.length === 1);
     const chunks = parseChunks(s.host.replies[0]!);
-    assert.deepEqual(chunks.map((ch) => [ch.flags, ch.type, ch.cookie, ch.payload.length]), [[1, 1, 5n, 8 + 4096]]);
+    assert.deepEqual(chunks.map((ch) => [ch.flags, ch.type, ch.cookie, ch.payload.length]), [
+      [0, 1, 5n, 8 + 2048],
+      [1, 2, 5n, 12],
+    ]);
+    assert.equal(toHex(chunks[0]!.payload), toHex(Buffer.concat([hex('0000000000000800'), Buffer.alloc(2048, 0x61)])));
+    assert.equal(toHex(chunks[1]!.payload), toHex(hex('0000000000001000 00000800')));
+  });
+
+  test('with DF the same read is one OFFSET_DATA chunk with the zeroes in it', t, async () => {
+    const s = setup({ structured: true });
+    s.node.fill(0, Buffer.alloc(4096, 0x61));
+    s.feed(rq(NBD_CMD_READ, 5n, 2048, 4096, NBD_CMD_FLAG_DF));
+    await waitFor(() => s.host.replies.length === 1);
+    const chunks = parseChunks(s.host.replies[0]!);
+    assert.deepEqual(chunks.map((ch) => [ch.flags, ch.type, ch.payload.length]), [[1, 1, 8 + 4096]]);
     assert.equal(
       toHex(chunks[0]!.payload),
       toHex(Buffer.concat([hex('0000000000000800'), Buffer.alloc(2048, 0x61), Buffer.alloc(2048)])),

@@ -36,7 +36,7 @@ import {
   type Request,
   type ValidationContext,
 } from '../protocol/transmission.ts';
-import { isAllZero } from '../exports/export.ts';
+import { isAllZero, zeroRuns } from '../exports/export.ts';
 import { errnoOf, nbdErrorFromErrno } from './errors.ts';
 import { exportFlags } from './flags.ts';
 import type { ByteBudget } from './budget.ts';
@@ -311,13 +311,26 @@ export class Transmission {
     }
     const data = await node.read(offset, length);
     this.#done(req, 0, length);
-    // "NBD_REPLY_TYPE_OFFSET_HOLE": a read that came back all zeroes is
-    // sent as a hole. Checking the data costs a memcmp; asking the node
-    // for extents first costs lseek calls that are O(file) on tmpfs.
-    if ((req.flags & NBD_CMD_FLAG_DF) === 0 && isAllZero(data)) {
-      return [encodeChunkOffsetHole(cookie, true, offset, length)];
-    }
-    return [encodeChunkOffsetDataHeader(cookie, true, offset, length), data];
+    // "NBD_CMD_READ": with DF, one data chunk.
+    if ((req.flags & NBD_CMD_FLAG_DF) !== 0) return [encodeChunkOffsetDataHeader(cookie, true, offset, length), data];
+    // "NBD_REPLY_TYPE_OFFSET_HOLE": zero stretches (4 KiB granules) go as
+    // holes, as qemu-nbd sends a file's holes. Checking the data costs a
+    // memcmp per granule; asking the node for extents costs lseek calls
+    // that are O(file) on tmpfs.
+    if (isAllZero(data)) return [encodeChunkOffsetHole(cookie, true, offset, length)];
+    const runs = zeroRuns(data, offset);
+    if (runs.length === 1) return [encodeChunkOffsetDataHeader(cookie, true, offset, length), data];
+    const parts: Buffer[] = [];
+    runs.forEach((run, i) => {
+      const done = i === runs.length - 1;
+      if (run.zero) {
+        parts.push(encodeChunkOffsetHole(cookie, done, run.offset, run.length));
+      } else {
+        parts.push(encodeChunkOffsetDataHeader(cookie, done, run.offset, run.length));
+        parts.push(data.subarray(run.offset - offset, run.offset - offset + run.length));
+      }
+    });
+    return parts;
   }
 
   async #blockStatus(req: Request): Promise<Buffer[]> {
