@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { MemoryNode } from './memory.ts';
-import { CheckedNode, isAllZero, type CheckedNodeOptions } from './node.ts';
+import { CheckedNode, isAllZero, zeroRuns, type CheckedNodeOptions } from './node.ts';
 import { openBlockNode } from './open.ts';
 import type { BlockCapabilities, BlockNode, Extent, WriteOptions, ZeroOptions } from './types.ts';
 import { BlockError } from './types.ts';
@@ -265,4 +265,22 @@ describe('CheckedNode', () => {
     await assert.rejects(node.write(0, Buffer.from([1])), code('EPERM'));
     await assert.rejects(openBlockNode({ kind: 'memory', size: -5 }), code('EINVAL'));
   });
+});
+
+test('zeroRuns splits on absolute 4 KiB granules and merges equal neighbours', () => {
+  const buf = Buffer.alloc(20480);
+  buf.fill(1, 2048, 6144); // bytes 4096-8191 of the export, as buf starts at 2048
+  const runs = zeroRuns(buf, 2048);
+  assert.deepEqual(runs, [
+    { offset: 2048, length: 2048, zero: true },
+    { offset: 4096, length: 4096, zero: false },
+    { offset: 8192, length: 14336, zero: true },
+  ]);
+  assert.deepEqual(zeroRuns(Buffer.alloc(0), 0), []);
+  const edge = Buffer.alloc(8192);
+  edge[8191] = 7; // only the last byte of the second granule
+  assert.deepEqual(zeroRuns(edge, 0), [
+    { offset: 0, length: 4096, zero: true },
+    { offset: 4096, length: 4096, zero: false },
+  ]);
 });

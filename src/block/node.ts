@@ -39,7 +39,7 @@ export function isAllZero(buf: Buffer): boolean {
   if (buf[0] !== 0 || buf[n - 1] !== 0) return false;
   for (let at = 0; at < n; at += ZERO_PIECE) {
     const len = Math.min(ZERO_PIECE, n - at);
-    if (!buf.subarray(at, at + len).equals(ZERO_BUFFER.subarray(0, len))) return false;
+    if (ZERO_BUFFER.compare(buf, at, at + len, 0, len) !== 0) return false;
   }
   return true;
 }
@@ -61,7 +61,9 @@ export function zeroRuns(buf: Buffer, offset: number, granule = 4096): ZeroRun[]
   let at = 0;
   while (at < buf.length) {
     const end = Math.min(buf.length, at + granule - ((offset + at) % granule));
-    const zero = buf.subarray(at, end).equals(ZERO_BUFFER.subarray(0, end - at));
+    // Most data granules fail on their first or last byte, in JS, without
+    // a native call; compare() with ranges makes no subarray objects.
+    const zero = buf[at] === 0 && buf[end - 1] === 0 && ZERO_BUFFER.compare(buf, at, end, 0, end - at) === 0;
     const last = runs[runs.length - 1];
     if (last !== undefined && last.zero === zero) last.length += end - at;
     else runs.push({ offset: offset + at, length: end - at, zero });
