@@ -10,10 +10,13 @@ import type { Session } from './negotiation.ts';
 import { DEFAULT_LIMITS, type RequestEvent, type TransmissionLimits } from './transmission.ts';
 import { silentLogger, type Logger } from './log.ts';
 import { ByteBudget } from './budget.ts';
+import { BufferPool } from './buffer-pool.ts';
 
 export const DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024;
 /** After in-flight requests finish, how long a stopping server still answers ESHUTDOWN. */
 const SHUTDOWN_GRACE_MS = 200;
+/** Idle read buffers kept for reuse. */
+const POOL_RETAINED = 32 * 1024 * 1024;
 
 export interface ServerOptions {
   exports: ExportRegistry;
@@ -60,7 +63,11 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     super();
     this.exports = opts.exports;
     const limits = opts.limits ?? DEFAULT_LIMITS;
-    this.limits = { ...limits, budget: limits.budget ?? new ByteBudget(opts.memoryBudget ?? DEFAULT_MEMORY_BUDGET) };
+    this.limits = {
+      ...limits,
+      budget: limits.budget ?? new ByteBudget(opts.memoryBudget ?? DEFAULT_MEMORY_BUDGET),
+      pool: limits.pool ?? new BufferPool(POOL_RETAINED),
+    };
     this.handshakeLimitMs = opts.handshakeLimitMs ?? 10_000;
     this.log = opts.log ?? silentLogger;
     this.#maxConnections = opts.maxConnections;

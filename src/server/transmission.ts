@@ -40,6 +40,7 @@ import { isAllZero, zeroRuns } from '../exports/export.ts';
 import { errnoOf, nbdErrorFromErrno } from './errors.ts';
 import { exportFlags } from './flags.ts';
 import type { ByteBudget } from './budget.ts';
+import type { BufferPool } from './buffer-pool.ts';
 import type { Session } from './negotiation.ts';
 
 export interface TransmissionLimits {
@@ -49,6 +50,8 @@ export interface TransmissionLimits {
   maxInflightRequests: number;
   /** Shared by every connection of the server (see budget.ts); none = no global bound. */
   budget?: ByteBudget;
+  /** Reusable buffers for large read replies (see buffer-pool.ts). */
+  pool?: BufferPool;
 }
 
 export const DEFAULT_LIMITS: TransmissionLimits = {
@@ -98,6 +101,8 @@ export class Transmission {
   #inflight = 0;
   #inflightBytes = 0;
   #shuttingDown = false;
+  /** Pooled read buffers, returned to the pool when their reply is written. */
+  readonly #pooled = new WeakMap<Request, Buffer>();
   /** Resumes parsing once the shared budget has room again. */
   readonly #wake: () => void;
 
@@ -235,6 +240,8 @@ export class Transmission {
             ? () => {
                 this.#inflightBytes -= cost;
                 if (held > 0) budget!.give(held);
+                const pooled = this.#pooled.get(req);
+                if (pooled !== undefined) this.#limits.pool!.release(pooled);
                 if (this.#state.name !== 'disconnecting') this.#host.progress();
               }
             : undefined;
@@ -300,17 +307,19 @@ export class Transmission {
   async #read(req: Request): Promise<Buffer[]> {
     const node = this.#session.export.node;
     const { offset, length, cookie } = req;
-    if (!this.#session.structuredReplies) {
-      const data = length > 0 ? await node.read(offset, length) : Buffer.alloc(0);
-      this.#done(req, 0, length);
-      return [encodeSimpleReply(cookie, 0), data];
-    }
     if (length === 0) {
       this.#done(req, 0, 0);
-      return [encodeChunkNone(cookie)];
+      return [this.#session.structuredReplies ? encodeChunkNone(cookie) : encodeSimpleReply(cookie, 0)];
     }
-    const data = await node.read(offset, length);
+    const pooled = this.#limits.pool?.get(length);
+    const data = await node.read(offset, length, pooled);
+    if (pooled !== undefined) {
+      // Back to the pool once the reply is written (or now, if unused).
+      if (data.buffer === pooled.buffer) this.#pooled.set(req, pooled);
+      else this.#limits.pool!.release(pooled);
+    }
     this.#done(req, 0, length);
+    if (!this.#session.structuredReplies) return [encodeSimpleReply(cookie, 0), data];
     // "NBD_CMD_READ": with DF, one data chunk.
     if ((req.flags & NBD_CMD_FLAG_DF) !== 0) return [encodeChunkOffsetDataHeader(cookie, true, offset, length), data];
     // "NBD_REPLY_TYPE_OFFSET_HOLE": zero stretches (4 KiB granules) go as
