@@ -143,6 +143,8 @@ export class FileNode implements BlockNode {
   readonly #discard: DiscardMode;
   readonly #ffi: boolean;
   readonly #locks = new RangeLock();
+  /** Whether reads skip holes instead of reading them (see #readAroundHoles). */
+  readonly #skipHoles: boolean;
   /** How small buffered I/O may skip the thread pool (see FastIo). */
   #fastIo: FastIo;
   #closing: Promise<void> | undefined;
@@ -168,6 +170,9 @@ export class FileNode implements BlockNode {
     this.#discard = init.discard;
     this.#ffi = ffiAvailable();
     this.#fastIo = init.direct ? 'none' : probeFastIo(init.fd);
+    // lseek(SEEK_HOLE) is cheap on disk filesystems but walks the page
+    // cache on tmpfs, where reading a hole changes nothing anyway.
+    this.#skipHoles = this.#ffi && !init.blockDevice && this.#fastIo !== 'memory';
     const fileEnd = init.base + init.size;
     this.#tailStart = init.tailFd === null ? Infinity : alignDown(fileEnd);
     const writable = !init.readOnly;
@@ -231,6 +236,26 @@ export class FileNode implements BlockNode {
 
   #checkOpen(): void {
     if (this.#closing !== undefined) throw new BlockError('EBADF', `${this.path} is closed`);
+  }
+
+  /**
+   * Holes and unwritten extents are not read but filled with zeroes, as
+   * qemu does: reading them would fill the page cache, after which ext4
+   * reports those ranges as data. Returns false when the range has no hole
+   * (the caller reads it as usual). Node coordinates.
+   */
+  async #readAroundHoles(out: Buffer, offset: number): Promise<boolean> {
+    const runs = await this.extents(offset, out.length);
+    if (!runs.some((r) => r.hole)) return false;
+    let at = 0;
+    for (const run of runs) {
+      const part = out.subarray(at, at + run.length);
+      if (run.hole) part.fill(0);
+      else await this.#readFull(this.#fd, part, this.#base + offset + at, false);
+      at += run.length;
+    }
+    if (at < out.length) await this.#readFull(this.#fd, out.subarray(at), this.#base + offset + at, false);
+    return true;
   }
 
   // --- plain positional I/O (file coordinates) ---
@@ -301,6 +326,7 @@ export class FileNode implements BlockNode {
       const p = this.#base + offset;
       if (!this.direct) {
         const out = into === undefined ? Buffer.allocUnsafe(length) : into.subarray(0, length);
+        if (this.#skipHoles && (await this.#readAroundHoles(out, offset))) return out;
         const now = length <= FAST_IO_MAX ? this.#readNow(out, p) : 0;
         if (now < length) await this.#readFull(this.#fd, out.subarray(now), p + now, false);
         return out;
