@@ -4,10 +4,19 @@
 // client is not reading our replies, and resumes when that clears.
 import type { Socket } from 'node:net';
 import { ByteQueue } from '../protocol/byte-queue.ts';
+import { optionName } from '../protocol/names.ts';
 import type { ExportRegistry } from '../exports/registry.ts';
-import { Negotiation, type Session } from './negotiation.ts';
-import { Transmission, type RequestEvent, type TransmissionLimits } from './transmission.ts';
+import type { BackendError, CloseCause, NegotiationResult, RefusalReason, RequestEvent, Transport } from './events.ts';
+import { exportFlags, transmissionFlagNames } from './flags.ts';
+import { MAX_OPTIONS_KEPT, Negotiation, type Session } from './negotiation.ts';
+import { Transmission, type TransmissionLimits } from './transmission.ts';
 import type { Logger } from './log.ts';
+
+/** Unread option replies at which a negotiating client stops being read. */
+const NEGOTIATION_REPLY_BACKLOG = 256 * 1024;
+
+/** How long a closed connection may take to hand its last replies to a client. */
+const CLOSE_LINGER_MS = 10_000;
 
 export interface ConnectionOwner {
   readonly exports: ExportRegistry;
@@ -18,12 +27,27 @@ export interface ConnectionOwner {
   /** Called once, when the socket has closed. */
   connectionClosed(conn: Connection): void;
   negotiated?(conn: Connection, session: Session): void;
+  /** OBSERVE_* bits of events.ts: who wants request events now. */
+  observing?(): number;
+  requestStart?(event: RequestEvent): void;
   requestDone?(conn: Connection, event: RequestEvent): void;
+  backendError?(event: BackendError): void;
+}
+
+/** How a connection ended, for logs and metrics (see events.ts). */
+export interface CloseSummary {
+  cause: CloseCause;
+  reason: string;
+  /** How negotiation ended. */
+  negotiation: NegotiationResult;
+  /** Set when the connection counts as refused. */
+  refused: RefusalReason | undefined;
 }
 
 export class Connection {
   readonly id: number;
   readonly socket: Socket;
+  readonly transport: Transport;
   readonly #owner: ConnectionOwner;
   readonly #queue = new ByteQueue();
   readonly #negotiation: Negotiation;
@@ -35,15 +59,20 @@ export class Connection {
   /** Run when the queued replies are written (they return budget bytes). */
   #sentCallbacks: (() => void)[] = [];
   #flushScheduled = false;
+  /** The first reason the connection ended for. */
+  #cause: CloseCause | undefined;
+  #reason = '';
+  #requests = 0;
 
-  constructor(id: number, socket: Socket, owner: ConnectionOwner) {
+  constructor(id: number, socket: Socket, owner: ConnectionOwner, transport: Transport = socket.remoteAddress === undefined ? 'unix' : 'tcp') {
     this.id = id;
     this.socket = socket;
+    this.transport = transport;
     this.#owner = owner;
     this.#negotiation = new Negotiation({
       exports: owner.exports,
       send: (buf) => this.#write(buf),
-      close: (reason) => this.close(reason),
+      close: (reason, cause) => this.close(reason, cause),
       enterTransmission: (session) => this.#enterTransmission(session),
       debug: (msg) => this.#debug(msg),
     });
@@ -58,23 +87,65 @@ export class Connection {
     return this.#transmission?.inflight ?? 0;
   }
 
+  /** Why the connection ended and what that counts as; valid once it has closed. */
+  closeSummary(): CloseSummary {
+    const cause = this.#cause ?? 'client';
+    const reason = this.#reason || 'connection closed';
+    if (this.#session !== null) {
+      const refused = cause === 'protocol_error' ? 'protocol_error' : undefined;
+      return { cause, reason, negotiation: this.#session.via, refused };
+    }
+    switch (cause) {
+      case 'client':
+      case 'abort':
+        // A client that asked for TLS and left without it was refused for that.
+        if (this.#negotiation.tlsRefused) return { cause, reason, negotiation: 'failed', refused: 'tls' };
+        return { cause, reason, negotiation: this.#negotiation.listed ? 'list_only' : 'abort', refused: undefined };
+      case 'protocol_error':
+      case 'handshake_timeout':
+      case 'shutdown':
+        return { cause, reason, negotiation: 'failed', refused: cause };
+      default:
+        return { cause, reason, negotiation: 'failed', refused: undefined };
+    }
+  }
+
   start(): void {
     const socket = this.socket;
     socket.on('data', (chunk: Buffer) => {
+      // After we hang up, whatever the client still sends is dropped.
+      if (this.#closed) return;
       this.#queue.push(chunk);
       this.#pump();
     });
     socket.on('drain', () => this.#pump());
-    socket.on('error', (err) => this.#debug(`socket error: ${err.message}`));
-    socket.on('end', () => this.close('client closed the connection'));
+    socket.on('error', (err) => {
+      this.#debug(`socket error: ${err.message}`);
+      this.#setCause('socket_error', `socket error: ${err.message}`);
+    });
+    socket.on('end', () => this.close('client closed the connection', 'client'));
     socket.on('close', () => {
       this.#closed = true;
       clearTimeout(this.#handshakeTimer);
+      const { cause, reason, negotiation } = this.closeSummary();
+      const exp = this.#session?.export.name;
+      // Without a session, the options tried are the handshake's result.
+      const options = exp === undefined ? this.#optionNames() : undefined;
+      const detail = exp !== undefined ? `${this.#requests} requests` : `negotiation ${negotiation}; options ${options!.join(',') || 'none'}`;
+      this.#owner.log.info(`disconnected: ${reason} (${detail})`, {
+        conn: this.id,
+        cause,
+        reason,
+        export: exp,
+        requests: exp !== undefined ? this.#requests : undefined,
+        negotiation: exp === undefined ? negotiation : undefined,
+        options,
+      });
       this.#owner.connectionClosed(this);
     });
     if (this.#owner.handshakeLimitMs > 0) {
       // A client that never finishes negotiating must not hold a slot forever.
-      this.#handshakeTimer = setTimeout(() => this.close('handshake time limit reached'), this.#owner.handshakeLimitMs);
+      this.#handshakeTimer = setTimeout(() => this.close('handshake time limit reached', 'handshake_timeout'), this.#owner.handshakeLimitMs);
     }
     this.#write(this.#negotiation.greeting());
   }
@@ -82,22 +153,38 @@ export class Connection {
   /** New requests get NBD_ESHUTDOWN; negotiating clients are dropped. */
   shutdown(): void {
     if (this.#transmission !== null) this.#transmission.shutdown();
-    else this.close('server shutting down');
+    else this.close('server shutting down', 'shutdown');
   }
 
-  close(reason: string): void {
+  /** Hang up now (the end of a graceful stop). */
+  destroy(reason: string, cause: CloseCause): void {
+    this.#setCause(cause, reason);
+    this.socket.destroy();
+  }
+
+  close(reason: string, cause: CloseCause): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#setCause(cause, reason);
     clearTimeout(this.#handshakeTimer);
     this.#debug(`closing: ${reason}`);
     // Let queued replies reach the client, then release the socket.
     this.#flushReplies();
+    this.#queue.skip(this.#queue.length);
     this.socket.end();
     this.socket.destroySoon();
+    // A client that never reads would keep the socket (and our replies) forever.
+    setTimeout(() => this.socket.destroy(), CLOSE_LINGER_MS).unref();
+  }
+
+  #setCause(cause: CloseCause, reason: string): void {
+    if (this.#cause !== undefined) return;
+    this.#cause = cause;
+    this.#reason = reason;
   }
 
   #debug(message: string): void {
-    this.#owner.log.debug(`conn ${this.id}: ${message}`);
+    this.#owner.log.debug(message, { conn: this.id });
   }
 
   #write(buf: Buffer): void {
@@ -107,18 +194,58 @@ export class Connection {
   #enterTransmission(session: Session): void {
     clearTimeout(this.#handshakeTimer);
     this.#session = session;
+    this.#logHandshake(session);
     this.#owner.negotiated?.(this, session);
+    const owner = this.#owner;
     this.#transmission = new Transmission(
       {
+        id: this.id,
         sendReply: (parts, sent) => this.#queueReply(parts, sent),
-        close: (reason) => this.close(reason),
+        close: (reason, cause) => this.close(reason, cause),
         progress: () => this.#pump(),
         debug: (msg) => this.#debug(msg),
-        warn: (msg) => this.#owner.log.warn(`conn ${this.id}: ${msg}`),
-        requestDone: (event) => this.#owner.requestDone?.(this, event),
+        warn: (msg, fields) => owner.log.warn(msg, { conn: this.id, ...fields }),
+        observing: () => owner.observing?.() ?? 0,
+        requestStart: (event) => owner.requestStart?.(event),
+        requestDone: (event) => {
+          this.#requests++;
+          owner.requestDone?.(this, event);
+        },
+        backendError: (event) => owner.backendError?.(event),
       },
       session,
       this.#owner.limits,
+    );
+  }
+
+  /** The options the client sent, for the log ("..." when there were more). */
+  #optionNames(): string[] {
+    const options = this.#negotiation.options.map((o) => optionName(o).replace(/^NBD_OPT_/, ''));
+    if (options.length === MAX_OPTIONS_KEPT) options.push('...');
+    return options;
+  }
+
+  /** At info: what the client negotiated. */
+  #logHandshake(session: Session): void {
+    const exp = session.export;
+    const flags = exportFlags(exp, session.structuredReplies);
+    const options = this.#optionNames();
+    const contexts = session.metaContexts.map((c) => c.name);
+    const flagNames = transmissionFlagNames(flags);
+    this.#owner.log.info(
+      `negotiated export '${exp.name}' via ${session.via === 'go' ? 'NBD_OPT_GO' : 'NBD_OPT_EXPORT_NAME'}; ` +
+        `options ${options.join(',') || 'none'}; flags 0x${flags.toString(16)} (${flagNames.join(',')}); ` +
+        `${session.structuredReplies ? 'structured replies' : 'simple replies'}; contexts ${contexts.join(',') || 'none'}`,
+      {
+        conn: this.id,
+        export: exp.name,
+        via: session.via,
+        options,
+        flags,
+        flag_names: flagNames,
+        structured_replies: session.structuredReplies,
+        contexts,
+      },
     );
   }
 
@@ -151,10 +278,11 @@ export class Connection {
       for (const cb of callbacks) cb();
       return;
     }
+    const parts = coalesceSmall(replies);
     this.socket.cork();
-    for (let i = 0; i < replies.length - 1; i++) this.socket.write(replies[i]!);
+    for (let i = 0; i < parts.length - 1; i++) this.socket.write(parts[i]!);
     // The write callback runs when the batch is with the kernel, or with an error when the socket dies.
-    this.socket.write(replies[replies.length - 1]!, callbacks.length === 0 ? undefined : () => {
+    this.socket.write(parts[parts.length - 1]!, callbacks.length === 0 ? undefined : () => {
       for (const cb of callbacks) cb();
     });
     this.socket.uncork();
@@ -167,11 +295,18 @@ export class Connection {
    * it reads any reply, and stopping then would deadlock us both.
    */
   get #repliesBacklogged(): boolean {
-    return this.socket.writableLength >= this.#owner.limits.maxInflightBytes;
+    // While negotiating, replies are many small buffers that each cost far
+    // more memory than their bytes, and a client that pipelines options and
+    // reads nothing owes us no patience: hold it at a small backlog.
+    const bound = this.#transmission === null ? NEGOTIATION_REPLY_BACKLOG : this.#owner.limits.maxInflightBytes;
+    return this.socket.writableLength >= bound;
   }
 
   #pump(): void {
-    if (this.#closed) return;
+    // A dead socket (write error) must stop parsing at once: its replies are
+    // dropped synchronously, so parsing on would run every queued request in
+    // one chain of microtasks and starve the event loop.
+    if (this.#closed || this.socket.destroyed) return;
     if (!this.#negotiation.finished) {
       // Replies to a batch of options leave in one write (no tiny packets).
       this.socket.cork();
@@ -185,4 +320,35 @@ export class Connection {
     if (hold) this.socket.pause();
     else if (this.socket.isPaused()) this.socket.resume();
   }
+}
+
+/** Parts at least this long are written as they are; smaller ones are copied together. */
+const COALESCE_BELOW = 16 * 1024;
+
+/**
+ * Runs of small reply parts (headers, error and block-status chunks) become
+ * one buffer: a client that never reads could otherwise pin millions of tiny
+ * buffers in the socket's queue, each costing far more than its bytes.
+ */
+export function coalesceSmall(parts: Buffer[]): Buffer[] {
+  const out: Buffer[] = [];
+  let run: Buffer[] = [];
+  let runBytes = 0;
+  const endRun = (): void => {
+    if (run.length === 1) out.push(run[0]!);
+    else if (run.length > 1) out.push(Buffer.concat(run, runBytes));
+    run = [];
+    runBytes = 0;
+  };
+  for (const part of parts) {
+    if (part.length >= COALESCE_BELOW) {
+      endRun();
+      out.push(part);
+    } else {
+      run.push(part);
+      runBytes += part.length;
+    }
+  }
+  endRun();
+  return out;
 }

@@ -11,6 +11,7 @@ import {
   NBD_FLAG_SEND_TRIM,
   NBD_FLAG_SEND_WRITE_ZEROES,
 } from '../protocol/constants.ts';
+import * as C from '../protocol/constants.ts';
 import type { Export } from '../exports/export.ts';
 
 export interface FlagInputs {
@@ -36,4 +37,28 @@ export function transmissionFlags({ readOnly, multiConn, structuredReplies }: Fl
 
 export function exportFlags(exp: Export, structuredReplies: boolean): number {
   return transmissionFlags({ readOnly: exp.readOnly, multiConn: exp.multiConn, structuredReplies });
+}
+
+/** The handshake flags share the transmission flags' low bits; checked against constants.ts by tsc. */
+const HANDSHAKE_FLAG_KEYS: ReadonlySet<keyof typeof C> = new Set<keyof typeof C>(['NBD_FLAG_FIXED_NEWSTYLE', 'NBD_FLAG_NO_ZEROES']);
+
+/** Transmission flag names by value, derived from constants.ts (not NBD_FLAG_C_*, not handshake flags). */
+const TRANSMISSION_FLAG_NAMES: ReadonlyMap<number, string> = (() => {
+  const names = new Map<number, string>();
+  for (const [key, value] of Object.entries(C)) {
+    if (!key.startsWith('NBD_FLAG_') || key.startsWith('NBD_FLAG_C_') || typeof value !== 'number') continue;
+    if (HANDSHAKE_FLAG_KEYS.has(key as keyof typeof C)) continue;
+    names.set(value, key.slice('NBD_FLAG_'.length));
+  }
+  return names;
+})();
+
+/** Names of the transmission flags set in `flags`, for the log: "HAS_FLAGS", "SEND_FLUSH"... */
+export function transmissionFlagNames(flags: number): string[] {
+  const out: string[] = [];
+  for (let bit = 0; bit < 16; bit++) {
+    const value = 1 << bit;
+    if ((flags & value) !== 0) out.push(TRANSMISSION_FLAG_NAMES.get(value) ?? `bit${bit}`);
+  }
+  return out;
 }

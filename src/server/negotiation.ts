@@ -72,11 +72,14 @@ export interface Session {
   via: 'go' | 'export_name';
 }
 
+/** Options remembered per connection for the log; a client may send any number. */
+export const MAX_OPTIONS_KEPT = 32;
+
 export interface NegotiationHost {
   readonly exports: ExportRegistry;
   send(buf: Buffer): void;
-  /** Drop the connection: a protocol violation or an end the spec names. */
-  close(reason: string): void;
+  /** Drop the connection: a protocol violation or the client's NBD_OPT_ABORT. */
+  close(reason: string, cause: 'protocol_error' | 'abort'): void;
   enterTransmission(session: Session): void;
   debug(message: string): void;
 }
@@ -95,6 +98,9 @@ export class Negotiation {
   #structuredReplies = false;
   /** Last SET_META_CONTEXT: export name and the contexts it selected. */
   #meta: { exportName: string; contexts: MetaContext[] } | null = null;
+  readonly #options: number[] = [];
+  #listed = false;
+  #tlsRefused = false;
 
   readonly #handlers: ReadonlyMap<number, (data: Buffer, option: number) => void> = new Map([
     [NBD_OPT_EXPORT_NAME, (d: Buffer) => this.#optExportName(d)],
@@ -120,6 +126,21 @@ export class Negotiation {
     return this.#state.name === 'done';
   }
 
+  /** The options the client sent, in order (the first MAX_OPTIONS_KEPT), for the log. */
+  get options(): readonly number[] {
+    return this.#options;
+  }
+
+  /** NBD_OPT_LIST was answered (for nbd_negotiations_total{result="list_only"}). */
+  get listed(): boolean {
+    return this.#listed;
+  }
+
+  /** NBD_OPT_STARTTLS was refused (a client that then leaves counts as refused{reason="tls"}). */
+  get tlsRefused(): boolean {
+    return this.#tlsRefused;
+  }
+
   /** Consume what can be consumed now; returns when more bytes are needed or negotiation ended. */
   feed(queue: ByteQueue): void {
     for (;;) {
@@ -140,6 +161,7 @@ export class Negotiation {
           const header = decodeOptionHeader(queue.take(OPTION_HEADER_LENGTH));
           if (header === null) return this.#end('bad option magic');
           this.#host.debug(`option ${optionName(header.option)} length ${header.length}`);
+          if (this.#options.length < MAX_OPTIONS_KEPT) this.#options.push(header.option);
           if (header.length <= MAX_OPTION_DATA) {
             this.#state = { name: 'option-data', option: header.option, length: header.length };
           } else if (header.option === NBD_OPT_EXPORT_NAME) {
@@ -177,9 +199,9 @@ export class Negotiation {
     }
   }
 
-  #end(reason: string): void {
+  #end(reason: string, cause: 'protocol_error' | 'abort' = 'protocol_error'): void {
     this.#state = { name: 'done' };
-    this.#host.close(reason);
+    this.#host.close(reason, cause);
   }
 
   #reply(option: number, type: number, data?: Buffer): void {
@@ -205,7 +227,7 @@ export class Negotiation {
   #optAbort(option: number): void {
     // "NBD_OPT_ABORT": reply ACK, ignore any data, then close.
     this.#reply(option, NBD_REP_ACK);
-    this.#end('client sent NBD_OPT_ABORT');
+    this.#end('client sent NBD_OPT_ABORT', 'abort');
   }
 
   #optList(data: Buffer, option: number): void {
@@ -214,10 +236,12 @@ export class Negotiation {
       this.#reply(option, NBD_REP_SERVER, encodeServerEntry(exp.name, exp.description));
     }
     this.#reply(option, NBD_REP_ACK);
+    this.#listed = true;
   }
 
   #optStartTls(data: Buffer, option: number): void {
     if (data.length !== 0) return this.#error(option, NBD_REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+    this.#tlsRefused = true;
     this.#error(option, NBD_REP_ERR_POLICY, 'TLS is not configured on this server');
   }
 

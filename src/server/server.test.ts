@@ -6,8 +6,9 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import { NBD_CMD_DISC, NBD_CMD_READ, NBD_CMD_WRITE, NBD_OPT_GO } from '../protocol/constants.ts';
 import { lstr, requestBytes, u16, u32 } from '../protocol/test-helpers.ts';
+import { OBSERVE_DONE, subscribe } from './events.ts';
 import { NbdServer } from './server.ts';
-import { FakeNode, makeExport, optionBytes, parseOptionReplies, parseSimpleReply, registryOf } from './test-helpers.ts';
+import { FakeNode, makeExport, optionBytes, parseOptionReplies, parseSimpleReply, registryOf, waitFor } from './test-helpers.ts';
 
 const t = { timeout: 5_000 };
 const GREETING = '4e42444d4147494349484156454f50540003';
@@ -237,5 +238,76 @@ describe('NbdServer on a Unix socket', () => {
       await server.close();
       fs.rmSync(dir, { recursive: true, force: true });
     }
+  });
+
+  test('events: accepted, refused (limit, protocol error), negotiation results, requests, closes', t, async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
+    const socketPath = path.join(dir, 'nbd.sock');
+    const server = new NbdServer({
+      exports: registryOf(makeExport({ name: 'a' })),
+      maxConnections: 1,
+      maxWaiting: 0,
+      persistent: true,
+      handshakeLimitMs: 0,
+    });
+    // Channels are process-wide: let the connections of earlier tests finish closing.
+    await sleep(200);
+    const seen: string[] = [];
+    const stops = [
+      subscribe('accepted', (m) => seen.push(`accepted ${m.transport}`)),
+      subscribe('refused', (m) => seen.push(`refused ${m.reason}`)),
+      subscribe('negotiation', (m) => seen.push(`negotiation ${m.result} ${m.export ?? '-'}`)),
+      subscribe('requestDone', (m) => seen.push(`request ${m.command} ${m.error} ${m.bytes} ${m.start > 0 && m.end >= m.start}`)),
+      subscribe('closed', (m) => seen.push(`closed ${m.cause} ${m.export ?? '-'}`)),
+    ];
+    const clients: RawClient[] = [];
+    try {
+      await server.listenUnix(socketPath);
+      assert.equal(server.observing(), OBSERVE_DONE);
+      // GO, a write, DISC; while it is connected a second client is refused (no waiting room).
+      const a = await connect(socketPath);
+      clients.push(a);
+      await a.waitBytes(18);
+      const b = await connect(socketPath);
+      clients.push(b);
+      await Promise.race([b.closed, sleep(2000).then(() => assert.fail('second client not refused'))]);
+      a.socket.write(
+        Buffer.concat([
+          u32(3),
+          optionBytes(NBD_OPT_GO, Buffer.concat([lstr('a'), u16(0)])),
+          requestBytes({ type: NBD_CMD_WRITE, cookie: 1n, offset: 0, length: 4 }),
+          Buffer.from('abcd'),
+          requestBytes({ type: NBD_CMD_DISC, cookie: 2n, offset: 0, length: 0 }),
+        ]),
+      );
+      await a.closed;
+      // A bad option magic is a protocol error.
+      const c = await connect(socketPath);
+      clients.push(c);
+      await c.waitBytes(18);
+      c.socket.write(Buffer.concat([u32(3), Buffer.from('IHAVEOPX'), u32(3), u32(0)]));
+      await c.closed;
+      await waitFor(() => seen.filter((e) => e.startsWith('closed')).length === 2);
+      assert.deepEqual(seen, [
+        'accepted unix',
+        'accepted unix',
+        'refused limit',
+        'negotiation go a',
+        // DISC is reported as it is parsed; the write once the node has it.
+        `request ${NBD_CMD_DISC} 0 0 true`,
+        `request ${NBD_CMD_WRITE} 0 4 true`,
+        'closed disc a',
+        'accepted unix',
+        'negotiation failed -',
+        'refused protocol_error',
+        'closed protocol_error -',
+      ]);
+    } finally {
+      for (const stop of stops) stop();
+      for (const c of clients) c.socket.destroy();
+      await server.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+    assert.equal(server.observing(), 0, 'nobody listens any more');
   });
 });

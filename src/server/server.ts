@@ -6,8 +6,9 @@ import fs from 'node:fs';
 import net from 'node:net';
 import type { ExportRegistry } from '../exports/registry.ts';
 import { Connection, type ConnectionOwner } from './connection.ts';
+import { channels, OBSERVE_DONE, OBSERVE_START, type BackendError, type RequestEvent, type Transport } from './events.ts';
 import type { Session } from './negotiation.ts';
-import { DEFAULT_LIMITS, type RequestEvent, type TransmissionLimits } from './transmission.ts';
+import { DEFAULT_LIMITS, type TransmissionLimits } from './transmission.ts';
 import { silentLogger, type Logger } from './log.ts';
 import { ByteBudget } from './budget.ts';
 import { BufferPool } from './buffer-pool.ts';
@@ -79,6 +80,11 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     return this.#active;
   }
 
+  /** Clients accepted but waiting for a connection slot (-e). */
+  get waiting(): number {
+    return this.#waiting.length;
+  }
+
   /** Listen on TCP; resolves with the bound address (port 0 picks one). */
   async listenTcp(host: string, port: number): Promise<net.AddressInfo> {
     const server = this.#makeListener(true);
@@ -117,16 +123,20 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
 
   #accept(socket: net.Socket): void {
     socket.on('error', () => {}); // reported by the connection once it has one
+    const transport: Transport = socket.remoteAddress === undefined ? 'unix' : 'tcp';
+    if (channels.accepted.hasSubscribers) channels.accepted.publish({ transport });
     if (this.#closing) {
+      if (channels.refused.hasSubscribers) channels.refused.publish({ conn: undefined, reason: 'shutdown' });
       socket.destroy();
       return;
     }
     if (this.#maxConnections === 0 || this.#active.size < this.#maxConnections) {
-      this.#admit(socket);
+      this.#admit(socket, transport);
       return;
     }
     if (this.#waiting.length >= this.#maxWaiting) {
       this.log.warn('too many clients waiting for a connection slot; dropping one');
+      if (channels.refused.hasSubscribers) channels.refused.publish({ conn: undefined, reason: 'limit' });
       socket.destroy();
       return;
     }
@@ -138,17 +148,18 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     });
   }
 
-  #admit(socket: net.Socket): void {
-    const conn = new Connection(this.#nextId++, socket, this);
+  #admit(socket: net.Socket, transport: Transport): void {
+    const conn = new Connection(this.#nextId++, socket, this, transport);
     this.#active.add(conn);
     this.#served++;
-    this.log.debug(`conn ${conn.id}: accepted from ${socket.remoteAddress ?? 'unix socket'}`);
+    const from = transport === 'unix' ? 'a unix socket' : `${socket.remoteAddress}:${socket.remotePort}`;
+    this.log.info(`accepted from ${from}`, { conn: conn.id, transport, remote: transport === 'tcp' ? from : undefined });
     conn.start();
   }
 
   connectionClosed(conn: Connection): void {
     if (!this.#active.delete(conn)) return;
-    this.log.debug(`conn ${conn.id}: closed`);
+    this.#publishClosed(conn);
     if (this.#closing) return;
     if (!this.#persistent && this.#active.size === 0 && this.#served > 0) {
       // qemu-nbd without -t: the server ends with its last client.
@@ -157,16 +168,46 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     }
     while (this.#waiting.length > 0 && (this.#maxConnections === 0 || this.#active.size < this.#maxConnections)) {
       const next = this.#waiting.shift()!;
-      if (!next.destroyed) this.#admit(next);
+      if (!next.destroyed) this.#admit(next, next.remoteAddress === undefined ? 'unix' : 'tcp');
     }
   }
 
+  #publishClosed(conn: Connection): void {
+    const { negotiation, refused, cause, reason } = conn.closeSummary();
+    // A negotiated connection's result was published when it negotiated.
+    if (conn.session === null && channels.negotiation.hasSubscribers) {
+      channels.negotiation.publish({ conn: conn.id, result: negotiation, export: undefined });
+    }
+    if (refused !== undefined && channels.refused.hasSubscribers) channels.refused.publish({ conn: conn.id, reason: refused });
+    if (channels.closed.hasSubscribers) channels.closed.publish({ conn: conn.id, export: conn.session?.export.name, cause, reason });
+  }
+
   negotiated(conn: Connection, session: Session): void {
+    if (channels.negotiation.hasSubscribers) {
+      channels.negotiation.publish({ conn: conn.id, result: session.via, export: session.export.name });
+    }
     this.emit('negotiated', conn, session);
   }
 
+  /** Asked by each connection once per batch of requests; see events.ts. */
+  observing(): number {
+    return (
+      (channels.requestDone.hasSubscribers || this.listenerCount('request') > 0 ? OBSERVE_DONE : 0) |
+      (channels.requestStart.hasSubscribers ? OBSERVE_START : 0)
+    );
+  }
+
+  requestStart(event: RequestEvent): void {
+    if (channels.requestStart.hasSubscribers) channels.requestStart.publish(event);
+  }
+
   requestDone(conn: Connection, event: RequestEvent): void {
+    if (channels.requestDone.hasSubscribers) channels.requestDone.publish(event);
     if (this.listenerCount('request') > 0) this.emit('request', conn, event);
+  }
+
+  backendError(event: BackendError): void {
+    if (channels.backendError.hasSubscribers) channels.backendError.publish(event);
   }
 
   /**
@@ -188,7 +229,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     // give them a moment for that before hanging up.
     const grace = Math.min(SHUTDOWN_GRACE_MS, Math.max(0, deadline - Date.now()));
     if (this.#active.size > 0 && grace > 0) await new Promise((r) => setTimeout(r, grace));
-    for (const conn of this.#active) conn.socket.destroy();
+    for (const conn of this.#active) conn.destroy('server stopped', 'shutdown');
     await Promise.all(closed);
   }
 }

@@ -27,6 +27,7 @@ import {
 import { ByteQueue } from '../protocol/byte-queue.ts';
 import { hex, requestBytes, toHex } from '../protocol/test-helpers.ts';
 import type { Export } from '../exports/export.ts';
+import { OBSERVE_DONE, OBSERVE_START, type BackendError, type RequestEvent } from './events.ts';
 import { Transmission, type TransmissionLimits } from './transmission.ts';
 import {
   deferred,
@@ -532,11 +533,54 @@ describe('Transmission', () => {
     const s = setup();
     s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 1n, 0, 4), Buffer.from('abcd'), rq(NBD_CMD_READ, 2n, 0, 16), rq(NBD_CMD_TRIM, 3n, MiB, 1)]));
     await waitFor(() => s.host.replies.length === 3);
-    const events = [...s.host.events].sort((a, b) => a.command - b.command);
+    const events = [...s.host.events].sort((a, b) => a.command - b.command).map(({ command, error, bytes }) => ({ command, error, bytes }));
     assert.deepEqual(events, [
       { command: NBD_CMD_READ, error: 0, bytes: 16 },
       { command: NBD_CMD_WRITE, error: 0, bytes: 4 },
       { command: NBD_CMD_TRIM, error: NBD_EINVAL, bytes: 0 },
     ]);
+  });
+
+  test('observing() decides which request events are built, and they carry times', t, async () => {
+    const s = setup();
+    let observe = 0;
+    const started: RequestEvent[] = [];
+    const errors: BackendError[] = [];
+    Object.assign(s.host, {
+      observing: () => observe,
+      requestStart: (e: RequestEvent) => started.push(e),
+      backendError: (e: BackendError) => errors.push(e),
+    });
+    s.node.before = (op) => {
+      if (op === 'flush') throw new BlockError('EIO', 'bad disk');
+    };
+    s.feed(rq(NBD_CMD_READ, 1n, 0, 512));
+    await waitFor(() => s.host.replies.length === 1);
+    assert.equal(s.host.events.length, 0, 'nobody observes: no events');
+    observe = OBSERVE_DONE;
+    s.feed(Buffer.concat([rq(NBD_CMD_READ, 2n, 0, 512), rq(NBD_CMD_FLUSH, 3n, 0, 0), rq(NBD_CMD_READ, 4n, 2 * MiB, 1)]));
+    await waitFor(() => s.host.replies.length === 4);
+    assert.equal(started.length, 0);
+    observe = OBSERVE_DONE | OBSERVE_START;
+    s.feed(rq(NBD_CMD_DISC, 5n, 0, 0));
+    await waitFor(() => s.host.closed.length === 1);
+    const byCookie = new Map(s.host.events.map((e) => [e.cookie, e]));
+    assert.deepEqual([...byCookie.keys()].sort(), [2n, 3n, 4n, 5n]);
+    assert.deepEqual(
+      [2n, 3n, 4n, 5n].map((c) => {
+        const e = byCookie.get(c)!;
+        return [e.export, e.command, e.error, e.bytes, e.offset, e.length];
+      }),
+      [
+        ['e', NBD_CMD_READ, 0, 512, 0, 512],
+        ['e', NBD_CMD_FLUSH, NBD_EIO, 0, 0, 0],
+        ['e', NBD_CMD_READ, NBD_EINVAL, 0, 2 * MiB, 1],
+        ['e', NBD_CMD_DISC, 0, 0, 0, 0],
+      ],
+    );
+    for (const e of s.host.events) assert.ok(e.start > 0 && e.end >= e.start, 'timed');
+    assert.deepEqual(started.map((e) => [e.cookie, e.command, e.end]), [[5n, NBD_CMD_DISC, 0]]);
+    assert.deepEqual(errors.map((e) => [e.export, e.command, e.errno, e.error, e.message]), [['e', NBD_CMD_FLUSH, 'EIO', NBD_EIO, 'bad disk']]);
+    assert.deepEqual(s.host.closed, ['client sent NBD_CMD_DISC']);
   });
 });

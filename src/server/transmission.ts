@@ -23,7 +23,7 @@ import {
   REQUEST_HEADER_LENGTH,
 } from '../protocol/constants.ts';
 import type { ByteQueue } from '../protocol/byte-queue.ts';
-import { commandName, errorLabel } from '../protocol/names.ts';
+import { commandLabel, commandName, errorLabel } from '../protocol/names.ts';
 import {
   decodeRequest,
   encodeChunkBlockStatus,
@@ -38,6 +38,8 @@ import {
 } from '../protocol/transmission.ts';
 import { isAllZero, zeroRuns } from '../exports/export.ts';
 import { errnoOf, nbdErrorFromErrno } from './errors.ts';
+import { OBSERVE_DONE, OBSERVE_START, type BackendError, type RequestEvent } from './events.ts';
+import type { LogFields } from './log.ts';
 import { exportFlags } from './flags.ts';
 import type { ByteBudget } from './budget.ts';
 import type { BufferPool } from './buffer-pool.ts';
@@ -62,12 +64,7 @@ export const DEFAULT_LIMITS: TransmissionLimits = {
 /** "NBD_CMD_BLOCK_STATUS": SHOULD NOT send more than 2^20 descriptors per chunk. */
 const MAX_DESCRIPTORS = 1 << 20;
 
-/** Reported once per finished request (for logs and metrics). */
-export interface RequestEvent {
-  command: number;
-  error: number;
-  bytes: number;
-}
+export type { RequestEvent } from './events.ts';
 
 export interface TransmissionHost {
   /**
@@ -75,18 +72,31 @@ export interface TransmissionHost {
    * runs once the bytes are with the kernel, or the reply was dropped.
    */
   sendReply(parts: Buffer[], sent?: () => void): void;
-  close(reason: string): void;
+  /** Framing lost ('protocol_error') or NBD_CMD_DISC done ('disc'). */
+  close(reason: string, cause: 'protocol_error' | 'disc'): void;
   /** Work drained: the connection may feed again. */
   progress(): void;
   debug(message: string): void;
-  warn(message: string): void;
+  warn(message: string, fields?: LogFields): void;
+  /** The connection's id, for events. */
+  readonly id?: number;
+  /**
+   * Who wants request events (OBSERVE_* bits of events.ts), asked once per
+   * feed. 0: no timestamps are taken and no request event is built. A host
+   * without it observes every request's end.
+   */
+  observing?(): number;
+  requestStart?(event: RequestEvent): void;
+  /** Once per observed request, when its reply is ready (DISC: when parsed). */
   requestDone?(event: RequestEvent): void;
+  backendError?(event: BackendError): void;
 }
 
+/** `start`: when the header was parsed (performance.now()), 0 when unobserved. */
 type State =
   | { name: 'header' }
-  | { name: 'budget'; req: Request }
-  | { name: 'payload'; req: Request }
+  | { name: 'budget'; req: Request; start: number }
+  | { name: 'payload'; req: Request; start: number }
   | { name: 'drain'; left: number }
   | { name: 'disconnecting' }
   /** Framing lost: the connection is closing and nothing more is parsed. */
@@ -128,6 +138,8 @@ export class Transmission {
 
   /** True while parsing is held back by the in-flight bounds. */
   get saturated(): boolean {
+    // Waiting for the shared budget counts too: the socket must not be read meanwhile.
+    if (this.#state.name === 'budget') return true;
     return this.#inflightBytes >= this.#limits.maxInflightBytes || this.#inflight >= this.#limits.maxInflightRequests;
   }
 
@@ -137,6 +149,9 @@ export class Transmission {
   }
 
   feed(queue: ByteQueue): void {
+    // One timestamp for the headers parsed in this call: they arrived together.
+    const observe = this.#host.observing !== undefined ? this.#host.observing() : OBSERVE_DONE;
+    let now = 0;
     for (;;) {
       const state = this.#state;
       switch (state.name) {
@@ -156,10 +171,10 @@ export class Transmission {
             return;
           }
           if (state.req.type === NBD_CMD_WRITE) {
-            this.#state = { name: 'payload', req: state.req };
+            this.#state = { name: 'payload', req: state.req, start: state.start };
           } else {
             this.#state = { name: 'header' };
-            this.#dispatch(state.req, undefined);
+            this.#dispatch(state.req, undefined, state.start);
           }
           break;
         }
@@ -167,7 +182,7 @@ export class Transmission {
           if (queue.length < state.req.length) return;
           const payload = queue.take(state.req.length);
           this.#state = { name: 'header' };
-          this.#dispatch(state.req, payload);
+          this.#dispatch(state.req, payload, state.start);
           break;
         }
         case 'header': {
@@ -176,37 +191,46 @@ export class Transmission {
           if (req === null) {
             // "Request message": a bad magic means we lost framing; hang up.
             this.#state = { name: 'closed' };
-            this.#host.close('bad request magic');
+            this.#host.close('bad request magic', 'protocol_error');
             return;
           }
+          if (observe !== 0 && now === 0) now = performance.now();
+          if ((observe & OBSERVE_START) !== 0) this.#host.requestStart?.(this.#event(req, 0, 0, now, 0));
           this.#host.debug(`request ${commandName(req.type)} flags 0x${req.flags.toString(16)} offset ${req.offset} length ${req.length}`);
           if (req.type === NBD_CMD_DISC) {
             // "NBD_CMD_DISC": finish what is in flight, then close.
+            this.#done(req, 0, 0, now);
             this.#state = { name: 'disconnecting' };
             this.#closeWhenIdle();
             return;
           }
           let error = validateRequest(req, this.#ctx);
+          let why = 'request rejected';
+          // "NBD_CMD_BLOCK_STATUS": a zero length is unspecified; refuse it without disconnecting.
+          if (error === 0 && req.type === NBD_CMD_BLOCK_STATUS && req.length === 0) {
+            error = NBD_EINVAL;
+            why = 'zero-length block status';
+          }
           if (error === 0 && this.#shuttingDown) error = NBD_ESHUTDOWN;
           if (req.type === NBD_CMD_WRITE) {
             if (error !== 0) {
               // A rejected write still has its payload consumed, unread and unallocated.
-              this.#replyError(req, error, 'request rejected');
+              this.#replyError(req, error, why, now);
               if (req.length > 0) this.#state = { name: 'drain', left: req.length };
               break;
             }
-            this.#state = this.#limits.budget !== undefined ? { name: 'budget', req } : { name: 'payload', req };
+            this.#state = this.#limits.budget !== undefined ? { name: 'budget', req, start: now } : { name: 'payload', req, start: now };
             break;
           }
           if (error !== 0) {
-            this.#replyError(req, error, 'request rejected');
+            this.#replyError(req, error, why, now);
             break;
           }
           if (req.type === NBD_CMD_READ && this.#limits.budget !== undefined) {
-            this.#state = { name: 'budget', req };
+            this.#state = { name: 'budget', req, start: now };
             break;
           }
-          this.#dispatch(req, undefined);
+          this.#dispatch(req, undefined, now);
           break;
         }
       }
@@ -214,10 +238,10 @@ export class Transmission {
   }
 
   #closeWhenIdle(): void {
-    if (this.#inflight === 0) this.#host.close('client sent NBD_CMD_DISC');
+    if (this.#inflight === 0) this.#host.close('client sent NBD_CMD_DISC', 'disc');
   }
 
-  #dispatch(req: Request, payload: Buffer | undefined): void {
+  #dispatch(req: Request, payload: Buffer | undefined, start: number): void {
     const cost = req.type === NBD_CMD_READ ? req.length : (payload?.length ?? 0);
     // Budget bytes (taken in the 'budget' state) go back once the reply is with the kernel.
     const budget = this.#limits.budget;
@@ -225,11 +249,29 @@ export class Transmission {
     this.#inflight++;
     this.#inflightBytes += cost;
     this.#run(req, payload)
-      .catch((err: unknown) => {
-        const code = errnoOf(err);
-        this.#host.warn(`${commandName(req.type)} offset ${req.offset} length ${req.length} failed: ${code ?? ''} ${(err as Error)?.message ?? err}`);
-        return this.#errorReply(req, nbdErrorFromErrno(code, req.flags), (err as Error)?.message ?? 'I/O error');
-      })
+      .then(
+        (parts) => {
+          this.#done(req, 0, req.type === NBD_CMD_READ || req.type === NBD_CMD_WRITE ? req.length : 0, start);
+          return parts;
+        },
+        (err: unknown) => {
+          const code = errnoOf(err);
+          const error = nbdErrorFromErrno(code, req.flags);
+          const message = err instanceof Error ? err.message : String(err);
+          this.#host.warn(`${commandName(req.type)} offset ${req.offset} length ${req.length} failed: ${code ?? ''} ${message}`, {
+            command: commandLabel(req.type),
+            offset: req.offset,
+            length: req.length,
+            errno: code ?? 'unknown',
+            error: errorLabel(error),
+          });
+          if (this.#host.backendError !== undefined) {
+            this.#host.backendError({ conn: this.#host.id ?? 0, export: this.#session.export.name, command: req.type, errno: code ?? 'unknown', error, message });
+          }
+          this.#done(req, error, 0, start);
+          return this.#errorReply(req, error, message || 'I/O error');
+        },
+      )
       .then((parts) => {
         this.#inflight--;
         // Bytes count against this connection and the budget until the
@@ -251,7 +293,7 @@ export class Transmission {
       });
   }
 
-  /** Run one validated request; resolves with its whole reply. */
+  /** Run one validated request; resolves with its whole reply, rejects with the storage error. */
   async #run(req: Request, payload: Buffer | undefined): Promise<Buffer[]> {
     const node = this.#session.export.node;
     const fua = (req.flags & NBD_CMD_FLAG_FUA) !== 0;
@@ -282,17 +324,32 @@ export class Transmission {
       case NBD_CMD_BLOCK_STATUS:
         return this.#blockStatus(req);
     }
-    this.#done(req, 0, req.type === NBD_CMD_WRITE ? req.length : 0);
     return [encodeSimpleReply(req.cookie, 0)];
   }
 
-  #done(req: Request, error: number, bytes: number): void {
-    this.#host.requestDone?.({ command: req.type, error, bytes });
+  #event(req: Request, error: number, bytes: number, start: number, end: number): RequestEvent {
+    return {
+      conn: this.#host.id ?? 0,
+      export: this.#session.export.name,
+      cookie: req.cookie,
+      command: req.type,
+      flags: req.flags,
+      offset: req.offset,
+      length: req.length,
+      error,
+      bytes,
+      start,
+      end,
+    };
+  }
+
+  /** Report a finished request; `start` 0 means nobody observed it. */
+  #done(req: Request, error: number, bytes: number, start: number): void {
+    if (start !== 0 && this.#host.requestDone !== undefined) this.#host.requestDone(this.#event(req, error, bytes, start, performance.now()));
   }
 
   #errorReply(req: Request, error: number, message: string): Buffer[] {
     this.#host.debug(`reply ${commandName(req.type)} error ${errorLabel(error)}`);
-    this.#done(req, error, 0);
     // Structured replies carry READ and BLOCK_STATUS errors as an error
     // chunk; every other command may use a simple reply ("Simple reply message").
     const structured = this.#session.structuredReplies && (req.type === NBD_CMD_READ || req.type === NBD_CMD_BLOCK_STATUS);
@@ -300,7 +357,8 @@ export class Transmission {
   }
 
   /** Reply at once to a request refused before it ran. */
-  #replyError(req: Request, error: number, message: string): void {
+  #replyError(req: Request, error: number, message: string, start: number): void {
+    this.#done(req, error, 0, start);
     this.#host.sendReply(this.#errorReply(req, error, message));
   }
 
@@ -308,7 +366,6 @@ export class Transmission {
     const node = this.#session.export.node;
     const { offset, length, cookie } = req;
     if (length === 0) {
-      this.#done(req, 0, 0);
       return [this.#session.structuredReplies ? encodeChunkNone(cookie) : encodeSimpleReply(cookie, 0)];
     }
     const pooled = this.#limits.pool?.get(length);
@@ -318,7 +375,6 @@ export class Transmission {
       if (data.buffer === pooled.buffer) this.#pooled.set(req, pooled);
       else this.#limits.pool!.release(pooled);
     }
-    this.#done(req, 0, length);
     if (!this.#session.structuredReplies) return [encodeSimpleReply(cookie, 0), data];
     // "NBD_CMD_READ": with DF, one data chunk.
     if ((req.flags & NBD_CMD_FLAG_DF) !== 0) return [encodeChunkOffsetDataHeader(cookie, true, offset, length), data];
@@ -344,13 +400,10 @@ export class Transmission {
 
   async #blockStatus(req: Request): Promise<Buffer[]> {
     const { offset, length, cookie } = req;
-    // "NBD_CMD_BLOCK_STATUS": a zero length is unspecified; refuse it without disconnecting.
-    if (length === 0) return this.#errorReply(req, NBD_EINVAL, 'zero-length block status');
     const reqOne = (req.flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
     const exp = this.#session.export;
     const contexts = this.#session.metaContexts;
     const answers = await Promise.all(contexts.map((ctx) => ctx.status(offset, length, reqOne ? 1 : MAX_DESCRIPTORS)));
-    this.#done(req, 0, 0);
     return answers.map((runs, i) => {
       const descriptors = reqOne ? runs.slice(0, 1).map((r) => ({ length: Math.min(r.length, length), flags: r.flags })) : runs;
       return encodeChunkBlockStatus(cookie, i === answers.length - 1, exp.contextId(contexts[i]!), descriptors);
