@@ -279,7 +279,7 @@ describe('FileNode', () => {
 
   test('openBlockNode: cache=none opens O_DIRECT, writethrough does not', t, async () => {
     const p = tempFile(8192);
-    const a = await openBlockNode({ kind: 'file', path: p, cache: 'none' });
+    const a = await openBlockNode({ kind: 'file', path: p, format: 'raw', cache: 'none' });
     assert.equal((a.inner as FileNode).direct, true);
     await a.close();
     const b = await openBlockNode({ kind: 'file', path: p, cache: 'writethrough', readOnly: true });

@@ -3,12 +3,14 @@
 // sees it, applies the cache, discard and detect-zeroes policies, and fills
 // in what a backend lacks (extents become one data run, zeroing falls back
 // to writing zeroes, trim becomes a no-op), so backends stay small.
+import { depthsOf } from './depth.ts';
 import { isNotSupported, toBlockError } from './errno.ts';
 import { normalizeExtents } from './extents.ts';
 import type {
   BlockCapabilities,
   BlockNode,
   CacheMode,
+  DepthRun,
   DetectZeroesMode,
   DiscardMode,
   Extent,
@@ -202,6 +204,13 @@ export class CheckedNode implements BlockNode {
     if (!this.#inner.capabilities.canExtents) return [{ length, hole: false, zero: false }];
     const runs = await this.#call(() => this.#inner.extents(offset, length, maxExtents));
     return normalizeExtents(offset, length, runs, maxExtents);
+  }
+
+  /** Allocation depth per run (a node without layers is depth 1 throughout). */
+  async allocationDepth(offset: number, length: number, maxRuns?: number): Promise<DepthRun[]> {
+    this.#check(offset, length);
+    if (length === 0) return [];
+    return this.#call(() => depthsOf(this.#inner, offset, length, maxRuns));
   }
 
   async close(): Promise<void> {

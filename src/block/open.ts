@@ -1,8 +1,10 @@
 // Build a block node stack from plain options: a backend wrapped in the one
 // CheckedNode. cache=none and cache=directsync open the file with O_DIRECT.
-import { FileNode } from './file.ts';
 import { MemoryNode } from './memory.ts';
 import { CheckedNode } from './node.ts';
+import type { RedisTarget } from './redis-url.ts';
+import { RedisNode } from './redis.ts';
+import { openImage, type ImageFormat } from './qcow2-open.ts';
 import type { CacheMode, DetectZeroesMode, DiscardMode } from './types.ts';
 
 export interface CommonNodeSpec {
@@ -21,6 +23,10 @@ export interface FileNodeSpec extends CommonNodeSpec {
   path: string;
   /** Bytes skipped at the start of the file (qemu-nbd -o). Default 0. */
   offset?: number;
+  /** 'raw' or 'qcow2'; undefined probes (qcow2 by its magic, else raw). */
+  format?: ImageFormat;
+  /** Serve through a temporary in-memory overlay; the file is never changed (qemu-nbd -s). */
+  snapshot?: boolean;
 }
 
 export interface MemoryNodeSpec extends CommonNodeSpec {
@@ -29,7 +35,17 @@ export interface MemoryNodeSpec extends CommonNodeSpec {
   size: number;
 }
 
-export type BlockNodeSpec = FileNodeSpec | MemoryNodeSpec;
+export interface RedisNodeSpec extends CommonNodeSpec {
+  kind: 'redis';
+  /** A parsed Redis disk URL (see redis-url.ts). */
+  target: RedisTarget;
+  /** Create the disk with this size when it does not exist yet. */
+  size?: number;
+  /** Told about lost and restored Redis connections. */
+  warn?: (message: string) => void;
+}
+
+export type BlockNodeSpec = FileNodeSpec | MemoryNodeSpec | RedisNodeSpec;
 
 /** True for the cache modes that bypass the host page cache (O_DIRECT). */
 export function usesDirectIo(cache: CacheMode | undefined): boolean {
@@ -45,8 +61,12 @@ export async function openBlockNode(spec: BlockNodeSpec): Promise<CheckedNode> {
   const inner =
     spec.kind === 'memory'
       ? new MemoryNode(spec.size)
-      : await FileNode.open({
+      : spec.kind === 'redis'
+        ? await RedisNode.open({ target: spec.target, size: spec.size, readOnly: spec.readOnly ?? false, warn: spec.warn })
+        : await openImage({
           path: spec.path,
+          format: spec.format,
+          snapshot: spec.snapshot,
           readOnly: spec.readOnly ?? false,
           offset: spec.offset ?? 0,
           direct: usesDirectIo(spec.cache),

@@ -22,6 +22,14 @@ export interface Extent {
   zero: boolean;
 }
 
+/** One run of equal allocation depth (qemu's "qemu:allocation-depth"). */
+export interface DepthRun {
+  /** Bytes this run covers; always > 0. */
+  length: number;
+  /** 0: allocated nowhere in the chain; 1: in the top image; 2: in its backing file; ... */
+  depth: number;
+}
+
 export interface WriteOptions {
   /** Force unit access: the data is durable before the promise resolves. */
   fua?: boolean;
@@ -78,6 +86,13 @@ export interface BlockNode {
    * simply covers fewer bytes.
    */
   extents(offset: number, length: number, maxExtents?: number): Promise<Extent[]>;
+  /**
+   * Which layer of a backing chain allocates [offset, offset+length): runs
+   * in order from `offset`, covering at least one byte and at most
+   * `length`. Optional: a node without layers is depth 1 throughout (as a
+   * raw file is for qemu, holes included).
+   */
+  allocationDepth?(offset: number, length: number, maxRuns?: number): Promise<DepthRun[]>;
   /** Flush (when writable) and release resources. Idempotent. */
   close(): Promise<void>;
 }

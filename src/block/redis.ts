@@ -1,0 +1,705 @@
+// A disk kept in Redis (standalone, over TCP, TLS or a Unix socket, or a
+// Redis Cluster), shared by any number of nbd-export processes.
+//
+// Keys of disk NAME (G = chunk index div chunks-per-group):
+//
+//   nbd:{NAME}:meta        hash: format, version, size, chunk, group
+//   nbd:{NAME:G}:alloc     bitmap: bit i set when chunk G*group+i is allocated
+//   nbd:{NAME:G}:INDEX     string: the bytes of chunk INDEX (absolute), possibly
+//                          shorter than a chunk; what is missing reads as zeroes
+//   nbd:{NAME:G}:sync      counter bumped by FLUSH/FUA before WAIT (only with wait=/waitaof=)
+//
+// The hash tag {NAME:G} puts a group's chunks and its allocation bitmap in
+// one cluster slot, so every change to a chunk and its allocation bit is one
+// Lua script, atomic on the Redis side: partial-chunk writes are SETRANGE,
+// never a read-modify-write from here. A chunk key exists only while its
+// bit is set (a set bit without a key is an allocated chunk of zeroes), so
+// block status reads one small bitmap per group, never the chunk keys.
+//
+// Nothing is cached here: every read goes to Redis, so a write acknowledged
+// by any process is seen by every later read through any process. Commands
+// are auto-pipelined by ioredis (one write per event-loop tick, per node).
+//
+// Faults: every call is bounded by the URL's timeout and fails with EIO
+// (ENOSPC for Redis's OOM refusal); commands are never queued while the
+// connection is down nor resent after it comes back (a request that failed
+// may or may not have been applied, as with any disk); the client reconnects
+// by itself and service resumes.
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import tls from 'node:tls';
+import { Cluster, Redis } from 'ioredis';
+import type { ClusterOptions, RedisOptions } from 'ioredis';
+import { errnoMessage } from './errno.ts';
+import { DATA, ExtentCollector, HOLE } from './extents.ts';
+import { checkChunkSize, describeTarget, type RedisTarget } from './redis-url.ts';
+import type { BlockCapabilities, BlockNode, Extent, WriteOptions, ZeroOptions } from './types.ts';
+import { BlockError } from './types.ts';
+
+export const REDIS_FORMAT = 'nbd-export-redis';
+export const REDIS_FORMAT_VERSION = 1;
+export const DEFAULT_REDIS_CHUNK = 64 * 1024;
+export const DEFAULT_REDIS_GROUP = 256;
+/** At most this many groups' bitmaps are read by one extents() call (16 GiB of disk at the defaults). */
+const MAX_EXTENT_GROUPS = 1024;
+/** Groups handled at once by extents() and whole-chunk zeroing. */
+const GROUP_BATCH = 128;
+/** Chunk keys per zeroing script call. */
+const KEYS_PER_SCRIPT = 1024;
+
+export interface RedisNodeOptions {
+  target: RedisTarget;
+  /** Create the disk with this size when it does not exist (from --size or size=). */
+  size?: number;
+  readOnly?: boolean;
+  /** Told about lost and restored connections (the CLI logs them). */
+  warn?: (message: string) => void;
+}
+
+type Client = Redis | Cluster;
+type Arg = string | Buffer | number;
+
+interface Script {
+  lua: string;
+  sha: string;
+}
+
+function script(lua: string): Script {
+  return { lua, sha: createHash('sha1').update(lua).digest('hex') };
+}
+
+/** Create the metadata unless it exists; answer [created, HGETALL]. */
+const META = script(`
+if ARGV[1] ~= '' and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'format', ARGV[4], 'version', ARGV[5], 'size', ARGV[1], 'chunk', ARGV[2], 'group', ARGV[3])
+  return {1, redis.call('HGETALL', KEYS[1])}
+end
+return {0, redis.call('HGETALL', KEYS[1])}
+`);
+
+/** KEYS[1] bitmap, KEYS[2..] chunks; ARGV per chunk: bit, offset in chunk, bytes. */
+const WRITE = script(`
+for i = 2, #KEYS do
+  local j = (i - 2) * 3
+  redis.call('SETRANGE', KEYS[i], ARGV[j + 2], ARGV[j + 3])
+  redis.call('SETBIT', KEYS[1], ARGV[j + 1], 1)
+end
+return 0
+`);
+
+/**
+ * Zero part of chunks. KEYS[1] bitmap, KEYS[2..] chunks; ARGV[1] '1' keeps
+ * the allocation; then per chunk: bit, offset in chunk, length. Without
+ * keep, a chunk left all zeroes is dropped and its bit cleared.
+ */
+const ZERO_PART = script(`
+local keep = ARGV[1] == '1'
+for i = 2, #KEYS do
+  local j = (i - 2) * 3 + 1
+  local key, bit, at, n = KEYS[i], ARGV[j + 1], tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
+  local len = redis.call('STRLEN', key)
+  if at < len then
+    redis.call('SETRANGE', key, at, string.rep('\\0', math.min(n, len - at)))
+  end
+  if not keep and (len == 0 or (at < len and redis.call('BITCOUNT', key) == 0)) then
+    redis.call('DEL', key)
+    if redis.call('GETBIT', KEYS[1], bit) == 1 then redis.call('SETBIT', KEYS[1], bit, 0) end
+  end
+end
+if redis.call('BITCOUNT', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+return 0
+`);
+
+/**
+ * Drop whole chunks. KEYS[1] bitmap, KEYS[2..] chunks; ARGV[1] '1' keeps
+ * the allocation bits (the chunks then read as zeroes but stay allocated);
+ * then one bit per chunk.
+ */
+const ZERO_WHOLE = script(`
+local keep = ARGV[1] == '1'
+for i = 2, #KEYS do
+  redis.call('DEL', KEYS[i])
+  if not keep then redis.call('SETBIT', KEYS[1], ARGV[i], 0) end
+end
+if redis.call('BITCOUNT', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+return 0
+`);
+
+/** One piece of a request inside one chunk. */
+interface Piece {
+  index: number;
+  /** Offset inside the chunk. */
+  at: number;
+  n: number;
+  /** Offset inside the request. */
+  done: number;
+}
+
+// CRC16/XMODEM, Redis Cluster's key hash.
+const CRC_TABLE = (() => {
+  const t = new Uint16Array(256);
+  for (let i = 0; i < 256; i++) {
+    let c = i << 8;
+    for (let k = 0; k < 8; k++) c = c & 0x8000 ? ((c << 1) ^ 0x1021) & 0xffff : (c << 1) & 0xffff;
+    t[i] = c;
+  }
+  return t;
+})();
+
+/** The cluster slot of a key (hash tags honoured). */
+export function keySlot(key: string): number {
+  let s = key;
+  const open = key.indexOf('{');
+  if (open >= 0) {
+    const close = key.indexOf('}', open + 1);
+    if (close > open + 1) s = key.slice(open + 1, close);
+  }
+  let crc = 0;
+  for (const b of Buffer.from(s)) crc = ((crc << 8) & 0xffff) ^ CRC_TABLE[((crc >> 8) ^ b) & 0xff]!;
+  return crc & 16383;
+}
+
+/** A Redis failure as a BlockError: OOM is ENOSPC, everything else EIO. */
+function redisError(err: unknown, where?: string): BlockError {
+  if (err instanceof BlockError) return err;
+  const msg = err instanceof Error ? err.message : String(err);
+  // ioredis's words for "not connected" (we neither queue nor resend).
+  if (where !== undefined && /^(Stream isn't writeable|Connection is closed|Reached the max retries|Cluster isn't ready)/.test(msg)) {
+    return new BlockError('EIO', `not connected to Redis at ${where}`);
+  }
+  return new BlockError(/^OOM\b/.test(msg) ? 'ENOSPC' : 'EIO', `redis: ${msg}`);
+}
+
+function reason(err: unknown): string {
+  // A cluster that could not be reached says why for its last node.
+  const nodeError = (err as { lastNodeError?: unknown } | null)?.lastNodeError;
+  if (nodeError !== undefined) return reason(nodeError);
+  const code = (err as NodeJS.ErrnoException | null)?.code;
+  if (typeof code === 'string' && /^E[A-Z]+$/.test(code)) return errnoMessage(code);
+  return err instanceof Error ? err.message : String(err);
+}
+
+export class RedisNode implements BlockNode {
+  readonly size: number;
+  readonly chunkSize: number;
+  readonly groupChunks: number;
+  readonly capabilities: BlockCapabilities;
+  readonly #client: Client;
+  readonly #target: RedisTarget;
+  readonly #where: string;
+  readonly #disk: string;
+  #closed = false;
+  /** Slot -> the first group of this disk hashing to it (for WAIT on every master that holds data). */
+  #slotGroups: Map<number, number> | undefined;
+
+  private constructor(client: Client, target: RedisTarget, size: number, chunkSize: number, groupChunks: number, readOnly: boolean) {
+    this.#client = client;
+    this.#target = target;
+    this.#where = describeTarget(target);
+    this.#disk = target.disk;
+    this.size = size;
+    this.chunkSize = chunkSize;
+    this.groupChunks = groupChunks;
+    this.capabilities = Object.freeze({
+      writable: !readOnly,
+      canFlush: true,
+      canTrim: true,
+      canFastZero: true,
+      canExtents: true,
+      canCache: false,
+    });
+  }
+
+  /**
+   * Connect, create the disk's metadata when asked and missing, check it.
+   * Fails with a BlockError whose message is one line: EIO when Redis
+   * cannot be reached, ENOENT for a missing disk, EINVAL for a mismatch.
+   */
+  static async open(opts: RedisNodeOptions): Promise<RedisNode> {
+    const t = opts.target;
+    const where = describeTarget(t);
+    const client = makeClient(t);
+    let lastError: unknown;
+    let wasReady = false;
+    let lost = false;
+    let closing = false;
+    const systemError = (err: unknown) => typeof (err as NodeJS.ErrnoException | null)?.code === 'string';
+    const onError = (err: unknown) => {
+      // Keep a system error (ECONNREFUSED...) rather than a later summary of it.
+      if (systemError(err) || !systemError(lastError)) lastError = err;
+    };
+    client.on('error', onError);
+    client.on('node error', onError);
+    client.on('close', () => {
+      if (!wasReady || closing || lost || opts.warn === undefined) return;
+      lost = true;
+      opts.warn(`lost the connection to Redis at ${where}${lastError === undefined ? '' : ` (${reason(lastError)})`}; requests fail with EIO until it is back`);
+    });
+    client.on('ready', () => {
+      wasReady = true;
+      lastError = undefined;
+      if (!lost) return;
+      lost = false;
+      opts.warn?.(`the connection to Redis at ${where} is back`);
+    });
+    const abandon = () => {
+      closing = true;
+      client.disconnect();
+    };
+
+    try {
+      await withTimeout(client.connect(), t.timeoutMs, () => new BlockError('EIO', `no answer within ${t.timeoutMs} ms`));
+    } catch (err) {
+      abandon();
+      const why = lastError ?? err;
+      throw new BlockError('EIO', `cannot connect to Redis at ${where}: ${reason(why)}`);
+    }
+
+    try {
+      if (t.waitAof > 0) await checkWaitAof(client, where, t.timeoutMs);
+      const node = await RedisNode.#openDisk(client, t, opts);
+      node.#onClose = () => {
+        closing = true;
+      };
+      return node;
+    } catch (err) {
+      abandon();
+      throw err instanceof BlockError ? err : new BlockError('EIO', `Redis at ${where}: ${reason(err)}`);
+    }
+  }
+
+  #onClose: () => void = () => {};
+
+  static async #openDisk(client: Client, t: RedisTarget, opts: RedisNodeOptions): Promise<RedisNode> {
+    const where = describeTarget(t);
+    const name = t.disk;
+    const asked = opts.size ?? t.size;
+    const create = asked !== undefined && opts.readOnly !== true;
+    const chunk = t.chunkSize ?? DEFAULT_REDIS_CHUNK;
+    const group = t.groupChunks ?? DEFAULT_REDIS_GROUP;
+    const metaKey = `nbd:{${name}}:meta`;
+    const reply = await withTimeout(
+      runScript(client, META, [metaKey], [create ? String(asked) : '', String(chunk), String(group), REDIS_FORMAT, String(REDIS_FORMAT_VERSION)]),
+      t.timeoutMs,
+      () => new BlockError('EIO', `Redis at ${where} did not answer within ${t.timeoutMs} ms`),
+    );
+    const [, flat] = reply as [number, Buffer[] | string[]];
+    const meta = new Map<string, string>();
+    for (let i = 0; i + 1 < flat.length; i += 2) meta.set(String(flat[i]), String(flat[i + 1]));
+    if (meta.size === 0) {
+      const hint = opts.readOnly === true && asked !== undefined ? ' (a read-only export does not create it)' : ' (give --size SIZE to create it)';
+      throw new BlockError('ENOENT', `Redis disk '${name}' does not exist at ${where}${hint}`);
+    }
+    if (meta.get('format') !== REDIS_FORMAT) throw new BlockError('EINVAL', `key '${metaKey}' at ${where} is not an nbd-export disk`);
+    const version = Number(meta.get('version'));
+    if (version !== REDIS_FORMAT_VERSION) {
+      throw new BlockError('EINVAL', `Redis disk '${name}' has format version ${meta.get('version')}; this nbd-export knows version ${REDIS_FORMAT_VERSION}`);
+    }
+    const size = Number(meta.get('size'));
+    const chunkSize = Number(meta.get('chunk'));
+    const groupChunks = Number(meta.get('group'));
+    if (!Number.isSafeInteger(size) || size < 0 || !Number.isSafeInteger(groupChunks) || groupChunks < 1 || groupChunks > 65536) {
+      throw new BlockError('EINVAL', `Redis disk '${name}' has damaged metadata (${metaKey})`);
+    }
+    try {
+      checkChunkSize(chunkSize);
+    } catch {
+      throw new BlockError('EINVAL', `Redis disk '${name}' has damaged metadata (${metaKey})`);
+    }
+    if (asked !== undefined && asked !== size) {
+      throw new BlockError('EINVAL', `Redis disk '${name}' has size ${size} bytes, not ${asked} as asked (leave out the size to serve it as it is)`);
+    }
+    if (t.chunkSize !== undefined && t.chunkSize !== chunkSize) {
+      throw new BlockError('EINVAL', `Redis disk '${name}' has chunk size ${chunkSize}, not ${t.chunkSize} as asked (chunking is fixed when a disk is created)`);
+    }
+    if (t.groupChunks !== undefined && t.groupChunks !== groupChunks) {
+      throw new BlockError('EINVAL', `Redis disk '${name}' has ${groupChunks} chunks per group, not ${t.groupChunks} as asked (grouping is fixed when a disk is created)`);
+    }
+    return new RedisNode(client, t, size, chunkSize, groupChunks, opts.readOnly === true);
+  }
+
+  #allocKey(group: number): string {
+    return `nbd:{${this.#disk}:${group}}:alloc`;
+  }
+
+  #chunkKey(index: number): string {
+    return `nbd:{${this.#disk}:${Math.floor(index / this.groupChunks)}}:${index}`;
+  }
+
+  #chunkLength(index: number): number {
+    return Math.min(this.chunkSize, this.size - index * this.chunkSize);
+  }
+
+  /** The chunk pieces of [offset, offset+length), grouped by group, in order. */
+  #pieces(offset: number, length: number): Map<number, Piece[]> {
+    const groups = new Map<number, Piece[]>();
+    const cs = this.chunkSize;
+    let done = 0;
+    while (done < length) {
+      const pos = offset + done;
+      const index = Math.floor(pos / cs);
+      const at = pos - index * cs;
+      const n = Math.min(cs - at, length - done);
+      const g = Math.floor(index / this.groupChunks);
+      let list = groups.get(g);
+      if (list === undefined) groups.set(g, (list = []));
+      list.push({ index, at, n, done });
+      done += n;
+    }
+    return groups;
+  }
+
+  /**
+   * Run one request against Redis, bounded by the timeout; whatever fails
+   * comes out as a BlockError. `live()` turns false once the request has
+   * failed, so late answers do not touch the caller's buffer.
+   */
+  async #op<T>(fn: (live: () => boolean) => Promise<T>): Promise<T> {
+    if (this.#closed) throw new BlockError('ESHUTDOWN', 'the Redis disk is closed');
+    let alive = true;
+    const inner = fn(() => alive);
+    try {
+      return await withTimeout(inner, this.#target.timeoutMs, () => new BlockError('EIO', `Redis at ${this.#where} did not answer within ${this.#target.timeoutMs} ms`));
+    } catch (err) {
+      alive = false;
+      throw redisError(err, this.#where);
+    } finally {
+      inner.catch(() => {});
+    }
+  }
+
+  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    const out = into === undefined ? Buffer.allocUnsafe(length) : into.subarray(0, length);
+    await this.#op(async (live) => {
+      const reads: Promise<void>[] = [];
+      for (const pieces of this.#pieces(offset, length).values()) {
+        for (const p of pieces) {
+          reads.push(
+            this.#client.getrangeBuffer(this.#chunkKey(p.index), p.at, p.at + p.n - 1).then((b) => {
+              if (!live()) return;
+              const got = Math.min(b.length, p.n);
+              b.copy(out, p.done, 0, got);
+              if (got < p.n) out.fill(0, p.done + got, p.done + p.n);
+            }),
+          );
+        }
+      }
+      await Promise.all(reads);
+    });
+    return out;
+  }
+
+  async write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
+    await this.#op(async () => {
+      const calls: Promise<unknown>[] = [];
+      for (const [g, pieces] of this.#pieces(offset, data.length)) {
+        const keys = [this.#allocKey(g)];
+        const args: Arg[] = [];
+        for (const p of pieces) {
+          keys.push(this.#chunkKey(p.index));
+          args.push(p.index - g * this.groupChunks, p.at, data.subarray(p.done, p.done + p.n));
+        }
+        calls.push(runScript(this.#client, WRITE, keys, args));
+      }
+      await Promise.all(calls);
+    });
+    if (opts?.fua === true && this.#waits) await this.#durable();
+  }
+
+  async flush(): Promise<void> {
+    await this.#durable();
+  }
+
+  /** FLUSH and FUA wait for replicas or the AOF (wait= or waitaof= in the URL); without, FUA adds nothing to a write. */
+  get #waits(): boolean {
+    return this.#target.wait > 0 || this.#target.waitAof > 0;
+  }
+
+  async trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
+    await this.#zero(offset, length, false);
+    if (opts?.fua === true && this.#waits) await this.#durable();
+  }
+
+  async writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    // Always fast: no data is sent, whole chunks are dropped.
+    await this.#zero(offset, length, opts.noHole === true);
+    if (opts.fua === true && this.#waits) await this.#durable();
+  }
+
+  /** Zero a range: partial chunks in place (atomically), whole chunks dropped (their bits kept when `keep`). */
+  async #zero(offset: number, length: number, keep: boolean): Promise<void> {
+    if (length === 0) return;
+    const cs = this.chunkSize;
+    const end = offset + length;
+    let wholeFirst = Math.ceil(offset / cs);
+    // The last chunk may be short: it is whole when the range reaches the end of the disk.
+    let wholeEnd = end === this.size ? Math.ceil(end / cs) : Math.floor(end / cs);
+    const parts: Piece[] = [];
+    if (wholeFirst >= wholeEnd) {
+      // Inside one or two chunks, none of them whole.
+      for (const list of this.#pieces(offset, length).values()) parts.push(...list);
+      wholeFirst = wholeEnd = 0;
+    } else {
+      if (offset < wholeFirst * cs) parts.push(...[...this.#pieces(offset, wholeFirst * cs - offset).values()].flat());
+      const wholeEndByte = Math.min(wholeEnd * cs, this.size);
+      if (wholeEndByte < end) parts.push(...[...this.#pieces(wholeEndByte, end - wholeEndByte).values()].flat());
+    }
+    const keepArg = keep ? '1' : '0';
+    await this.#op(async (live) => {
+      const calls: Promise<unknown>[] = [];
+      const byGroup = new Map<number, Piece[]>();
+      for (const p of parts) {
+        const g = Math.floor(p.index / this.groupChunks);
+        byGroup.set(g, [...(byGroup.get(g) ?? []), p]);
+      }
+      for (const [g, pieces] of byGroup) {
+        const keys = [this.#allocKey(g), ...pieces.map((p) => this.#chunkKey(p.index))];
+        const args: Arg[] = [keepArg];
+        for (const p of pieces) args.push(p.index - g * this.groupChunks, p.at, p.n);
+        calls.push(runScript(this.#client, ZERO_PART, keys, args));
+      }
+      if (wholeEnd > wholeFirst) calls.push(this.#dropWhole(wholeFirst, wholeEnd, keep, live));
+      await Promise.all(calls);
+    });
+  }
+
+  /** Drop chunks [first, end): read each group's bitmap, drop the allocated ones. */
+  async #dropWhole(first: number, end: number, keep: boolean, live: () => boolean): Promise<void> {
+    const G = this.groupChunks;
+    const keepArg = keep ? '1' : '0';
+    for (let g0 = Math.floor(first / G); g0 * G < end && live(); g0 += GROUP_BATCH) {
+      const batch: Promise<unknown>[] = [];
+      for (let g = g0; g < g0 + GROUP_BATCH && g * G < end; g++) {
+        const lo = Math.max(first, g * G) - g * G;
+        const hi = Math.min(end, (g + 1) * G) - g * G; // bits [lo, hi)
+        batch.push(
+          this.#bitmap(g, lo, hi).then((bits) => {
+            const calls: Promise<unknown>[] = [];
+            let keys: string[] = [];
+            let args: Arg[] = [];
+            const send = () => {
+              if (keys.length > 0) calls.push(runScript(this.#client, ZERO_WHOLE, [this.#allocKey(g), ...keys], [keepArg, ...args]));
+              keys = [];
+              args = [];
+            };
+            for (let b = lo; b < hi; b++) {
+              if (!bits(b)) continue;
+              keys.push(this.#chunkKey(g * G + b));
+              args.push(b);
+              if (keys.length >= KEYS_PER_SCRIPT) send();
+            }
+            send();
+            return Promise.all(calls);
+          }),
+        );
+      }
+      await Promise.all(batch);
+    }
+  }
+
+  /** Bits [lo, hi) of group g's allocation bitmap, as a lookup function. */
+  async #bitmap(g: number, lo: number, hi: number): Promise<(bit: number) => boolean> {
+    const firstByte = lo >> 3;
+    const buf = await this.#client.getrangeBuffer(this.#allocKey(g), firstByte, (hi - 1) >> 3);
+    return (bit: number) => {
+      const byte = buf[(bit >> 3) - firstByte];
+      return byte !== undefined && (byte & (0x80 >> (bit & 7))) !== 0;
+    };
+  }
+
+  async cache(_offset: number, _length: number): Promise<void> {}
+
+  async extents(offset: number, length: number, maxExtents?: number): Promise<Extent[]> {
+    const c = new ExtentCollector(offset, length, maxExtents);
+    if (length === 0) return c.finish();
+    const cs = this.chunkSize;
+    const G = this.groupChunks;
+    const first = Math.floor(offset / cs);
+    const last = Math.floor((offset + length - 1) / cs);
+    const lastGroup = Math.min(Math.floor(last / G), Math.floor(first / G) + MAX_EXTENT_GROUPS - 1);
+    await this.#op(async () => {
+      for (let g0 = Math.floor(first / G); g0 <= lastGroup && !c.done; g0 += GROUP_BATCH) {
+        const groups: { g: number; lo: number; hi: number; bits: Promise<(bit: number) => boolean> }[] = [];
+        for (let g = g0; g < g0 + GROUP_BATCH && g <= lastGroup; g++) {
+          const lo = Math.max(first, g * G) - g * G;
+          const hi = Math.min(last + 1, (g + 1) * G) - g * G;
+          groups.push({ g, lo, hi, bits: this.#bitmap(g, lo, hi) });
+        }
+        await Promise.all(groups.map((x) => x.bits));
+        for (const { g, lo, hi, bits } of groups) {
+          const bit = await bits;
+          let runStart = lo;
+          let runData = bit(lo);
+          for (let b = lo + 1; b <= hi; b++) {
+            const d = b < hi ? bit(b) : !runData;
+            if (d === runData) continue;
+            if (!c.add((g * G + runStart) * cs, (b - runStart) * cs, runData ? DATA : HOLE)) return;
+            runStart = b;
+            runData = d;
+          }
+        }
+      }
+    });
+    return c.finish();
+  }
+
+  /**
+   * FLUSH and FUA. Every acknowledged write is already in Redis; how durable
+   * that is depends on Redis's persistence settings (appendonly with
+   * appendfsync always: on disk). With wait=N or waitaof=1 in the URL, each
+   * master holding this disk gets a write (so WAIT covers writes made by
+   * other processes too) and then WAIT N / WAITAOF; fewer acknowledgements
+   * than asked within waittimeout is EIO. Without them, a PING to each
+   * master: a flush fails when Redis cannot be reached.
+   */
+  async #durable(): Promise<void> {
+    const t = this.#target;
+    await this.#op(async () => {
+      const masters = this.#masters();
+      // A read-only export writes nothing, not even the counter WAIT needs.
+      if ((t.wait === 0 && t.waitAof === 0) || !this.capabilities.writable) {
+        await Promise.all(masters.map(([client]) => client.ping()));
+        return;
+      }
+      await Promise.all(
+        masters.map(async ([client, syncKey]) => {
+          await client.incr(syncKey);
+          if (t.waitAof > 0) {
+            const r = (await client.call('WAITAOF', t.waitAof, t.wait, t.waitTimeoutMs)) as [number, number];
+            if (r[0] < t.waitAof || r[1] < t.wait) {
+              throw new BlockError('EIO', `WAITAOF: ${r[0]} local and ${r[1]} replica fsyncs within ${t.waitTimeoutMs} ms, not ${t.waitAof} and ${t.wait}`);
+            }
+          } else {
+            const n = await client.wait(t.wait, t.waitTimeoutMs);
+            if (n < t.wait) throw new BlockError('EIO', `WAIT: ${n} of ${t.wait} replicas acknowledged within ${t.waitTimeoutMs} ms`);
+          }
+        }),
+      );
+    });
+  }
+
+  /** The master connections holding this disk, each with a key of this disk that lives there. */
+  #masters(): [Redis, string][] {
+    const client = this.#client;
+    if (!(client instanceof Cluster)) return [[client, `nbd:{${this.#disk}}:sync`]];
+    if (this.#slotGroups === undefined) {
+      const groups = Math.ceil(Math.ceil(this.size / this.chunkSize) / this.groupChunks);
+      const map = new Map<number, number>();
+      for (let g = 0; g < Math.min(groups, 1 << 18) && map.size < 16384; g++) {
+        const slot = keySlot(`{${this.#disk}:${g}}`);
+        if (!map.has(slot)) map.set(slot, g);
+      }
+      this.#slotGroups = map;
+    }
+    const byNode = new Map<string, Redis>();
+    for (const n of client.nodes('master')) byNode.set(`${n.options.host}:${n.options.port}`, n);
+    const out = new Map<string, [Redis, string]>();
+    for (const [slot, g] of this.#slotGroups) {
+      const key = client.slots[slot]?.[0];
+      const node = key === undefined ? undefined : byNode.get(key);
+      if (key === undefined || node === undefined) throw new BlockError('EIO', `no Redis cluster master serves slot ${slot}`);
+      if (!out.has(key)) out.set(key, [node, `nbd:{${this.#disk}:${g}}:sync`]);
+    }
+    return [...out.values()];
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    let failure: unknown;
+    try {
+      if (this.capabilities.writable && this.#waits) await this.#durable();
+    } catch (err) {
+      failure = err;
+    }
+    this.#closed = true;
+    this.#onClose();
+    try {
+      await withTimeout(this.#client.quit(), 1000, () => new Error('quit timed out'));
+    } catch {
+      // Leaving anyway.
+    }
+    this.#client.disconnect();
+    if (failure !== undefined) throw redisError(failure);
+  }
+}
+
+/** Resolve or reject as `p` does, or reject with `onTimeout()` after `ms`. */
+function withTimeout<T>(p: Promise<T>, ms: number, onTimeout: () => Error): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const t = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(onTimeout()), ms);
+  });
+  return Promise.race([p, t]).finally(() => clearTimeout(timer));
+}
+
+/** EVALSHA, falling back to EVAL the first time a server has not seen the script. */
+async function runScript(client: Client, s: Script, keys: string[], args: Arg[]): Promise<unknown> {
+  try {
+    return await client.evalsha(s.sha, keys.length, ...keys, ...args);
+  } catch (err) {
+    if (!(err instanceof Error && err.message.startsWith('NOSCRIPT'))) throw err;
+    return client.eval(s.lua, keys.length, ...keys, ...args);
+  }
+}
+
+function makeClient(t: RedisTarget): Client {
+  let tlsOptions: tls.ConnectionOptions | undefined;
+  if (t.tls) {
+    tlsOptions = {};
+    if (t.ca !== undefined) {
+      let pem: string;
+      try {
+        pem = fs.readFileSync(t.ca, 'utf8');
+      } catch (err) {
+        throw new BlockError('EINVAL', `cannot read the CA file '${t.ca}': ${reason(err)}`);
+      }
+      tlsOptions.ca = [...tls.rootCertificates, pem];
+    }
+  }
+  const node: RedisOptions = {
+    username: t.username,
+    password: t.password,
+    tls: tlsOptions,
+    connectTimeout: t.timeoutMs,
+    commandTimeout: t.timeoutMs,
+    // Fail at once while disconnected, never replay a command after a
+    // reconnect: a request that failed with EIO must not land later.
+    enableOfflineQueue: false,
+    autoResendUnfulfilledCommands: false,
+    maxRetriesPerRequest: 0,
+    retryStrategy: (attempt: number) => Math.min(100 * attempt, 1000),
+    enableAutoPipelining: true,
+    connectionName: `nbd-export:${t.disk}`,
+    lazyConnect: true,
+  };
+  if (!t.cluster) {
+    if (t.path !== undefined) return new Redis({ ...node, path: t.path, db: t.db });
+    const h = t.hosts[0]!;
+    return new Redis({ ...node, host: h.host, port: h.port, db: t.db });
+  }
+  const options: ClusterOptions = {
+    redisOptions: node,
+    enableOfflineQueue: false,
+    enableAutoPipelining: true,
+    lazyConnect: true,
+    scaleReads: 'master',
+    slotsRefreshTimeout: t.timeoutMs,
+    clusterRetryStrategy: (attempt: number) => Math.min(100 * attempt, 1000),
+    // Addresses as the cluster announces them (a TLS name check needs the name given).
+    dnsLookup: (address, callback) => callback(null, address),
+  };
+  return new Cluster(t.hosts, options);
+}
+
+/** waitaof=1 needs Redis 7.2 (WAITAOF) with appendonly on. */
+async function checkWaitAof(client: Client, where: string, timeoutMs: number): Promise<void> {
+  const info = await withTimeout(client.info('server'), timeoutMs, () => new Error('INFO timed out'));
+  const version = /redis_version:(\d+)\.(\d+)/.exec(info);
+  const major = Number(version?.[1] ?? 0);
+  const minor = Number(version?.[2] ?? 0);
+  if (major < 7 || (major === 7 && minor < 2)) {
+    throw new BlockError('EINVAL', `waitaof needs Redis 7.2 or later (WAITAOF); Redis at ${where} is ${version === null ? 'older' : `${major}.${minor}`}`);
+  }
+  const persistence = await withTimeout(client.info('persistence'), timeoutMs, () => new Error('INFO timed out'));
+  if (!/aof_enabled:1/.test(persistence)) throw new BlockError('EINVAL', `waitaof=1 needs appendonly yes on Redis at ${where}`);
+}
