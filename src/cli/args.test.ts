@@ -42,6 +42,19 @@ test('short and long flags', () => {
   assert.equal(parse('--discard=on', 'img').discard, 'unmap');
 });
 
+test('formats, -s and -A', () => {
+  const c = parse('img');
+  assert.equal(c.format, undefined);
+  assert.equal(c.snapshot, false);
+  assert.equal(c.allocationDepth, false);
+  assert.equal(parse('-f', 'qcow2', 'img').format, 'qcow2');
+  assert.equal(parse('--format=raw', 'img').format, 'raw');
+  const d = parse('-s', '-A', 'img');
+  assert.equal(d.snapshot, true);
+  assert.equal(d.allocationDepth, true);
+  assert.equal(parse('--snapshot', '--allocation-depth', 'img').allocationDepth, true);
+});
+
 test('memory disks', () => {
   assert.deepEqual(parse('memory:1G').image, { kind: 'memory', size: 2 ** 30 });
   assert.deepEqual(parse('memory:1T').image, { kind: 'memory', size: 2 ** 40 });
@@ -53,7 +66,8 @@ test('mistakes are one-line UsageErrors', () => {
     [['a', 'b'], /unexpected argument 'b'/],
     [['-e', 'x', 'img'], /invalid --shared 'x'/],
     [['-p', '70000', 'img'], /invalid --port '70000' \(expected 0 to 65535\)/],
-    [['-f', 'qcow2', 'img'], /format 'qcow2' is not supported/],
+    [['-f', 'vmdk', 'img'], /format 'vmdk' is not supported \(raw or qcow2\)/],
+    [['-s', 'memory:1G'], /--snapshot applies to files/],
     [['--cache=bogus', 'img'], /invalid --cache 'bogus'/],
     [['--discard=maybe', 'img'], /invalid --discard 'maybe'/],
     [['--detect-zeroes=unmap', 'img'], /requires --discard=unmap/],

@@ -2,20 +2,29 @@
 // into one typed configuration. Every mistake is a UsageError: one line,
 // exit status 1, no stack trace.
 import yargs from 'yargs';
-import type { LogLevel } from '../server/log.ts';
+import { isRedisUrl, parseRedisUrl, type RedisTarget } from '../block/redis-url.ts';
+import type { LogFormat, LogLevel } from '../server/log.ts';
 import { parseInteger, parseSize, UsageError } from './size.ts';
 
 export type CacheMode = 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
 export type DiscardMode = 'ignore' | 'unmap';
 export type DetectZeroes = 'off' | 'on' | 'unmap';
 
-export type ImageSpec = { kind: 'file'; path: string } | { kind: 'memory'; size: number };
+export type ImageSpec =
+  | { kind: 'file'; path: string }
+  | { kind: 'memory'; size: number }
+  | { kind: 'redis'; target: RedisTarget; size: number | undefined };
 
 export interface Config {
   image: ImageSpec;
   /** The name the user gave, for messages. */
   imageName: string;
-  format: 'raw' | undefined;
+  /** undefined: probe (qcow2 by its magic, else raw). */
+  format: 'raw' | 'qcow2' | undefined;
+  /** -s: serve through a temporary overlay, leaving the image unchanged. */
+  snapshot: boolean;
+  /** -A: offer the qemu:allocation-depth meta context. */
+  allocationDepth: boolean;
   socket: string | undefined;
   bind: string;
   port: number;
@@ -33,7 +42,16 @@ export interface Config {
   shutdownTimeoutSeconds: number;
   printUri: boolean;
   logLevel: LogLevel;
+  logFormat: LogFormat;
+  /** -T: log every request and reply. */
+  trace: boolean;
+  /** --metrics: where the HTTP endpoint listens. */
+  metrics: { host: string; port: number } | undefined;
 }
+
+/** --metrics without an address listens on every interface, as exporters do. */
+export const DEFAULT_METRICS_HOST = '0.0.0.0';
+const LOG_FORMATS: readonly LogFormat[] = ['text', 'json'];
 
 export const DEFAULT_PORT = 10809;
 
@@ -51,7 +69,7 @@ function choice<T extends string>(value: unknown, what: string, allowed: readonl
 function parser(argv: string[]) {
   return yargs(argv)
     .scriptName('nbd-export')
-    .usage('Usage: $0 [OPTIONS] FILENAME\n\nServe FILENAME (a raw disk image or block device, or memory:SIZE for a sparse\nin-memory disk) over NBD. Flags follow qemu-nbd.')
+    .usage('Usage: $0 [OPTIONS] FILENAME\n\nServe FILENAME (a raw or qcow2 disk image or block device, or memory:SIZE for a sparse\nin-memory disk) over NBD. Flags follow qemu-nbd.\nA Redis disk: redis://HOST:PORT/DB?disk=NAME, rediss://,\nredis+unix:///PATH?disk=NAME, redis+cluster://H:P,H:P?disk=NAME')
     .option('bind', { alias: 'b', type: 'string', default: '0.0.0.0', describe: 'address to listen on (IPv4 or IPv6)' })
     .option('port', { alias: 'p', type: 'string', default: String(DEFAULT_PORT), describe: 'TCP port to listen on (0 picks a free one)' })
     .option('socket', { alias: 'k', type: 'string', describe: 'listen on this Unix socket instead of TCP' })
@@ -60,8 +78,11 @@ function parser(argv: string[]) {
     .option('read-only', { alias: 'r', type: 'boolean', default: false, describe: 'export read-only' })
     .option('export-name', { alias: 'x', type: 'string', default: '', describe: 'export name' })
     .option('description', { alias: 'D', type: 'string', default: '', describe: 'export description' })
-    .option('format', { alias: 'f', type: 'string', describe: 'image format (raw)' })
+    .option('format', { alias: 'f', type: 'string', describe: 'image format: raw or qcow2 (default: probe)' })
+    .option('snapshot', { alias: 's', type: 'boolean', default: false, describe: 'serve through a temporary overlay; the image is not changed' })
+    .option('allocation-depth', { alias: 'A', type: 'boolean', default: false, describe: 'offer the qemu:allocation-depth meta context' })
     .option('offset', { alias: 'o', type: 'string', default: '0', describe: 'bytes to skip at the start of the image' })
+    .option('size', { type: 'string', describe: 'create the Redis disk (redis://...?disk=NAME) with SIZE bytes if it does not exist yet' })
     .option('discard', { type: 'string', default: 'ignore', describe: 'trim requests: ignore|unmap' })
     .option('detect-zeroes', { type: 'string', default: 'off', describe: 'turn writes of zeroes into zero requests: off|on|unmap' })
     .option('cache', { type: 'string', default: 'writeback', describe: 'none|writeback|writethrough|directsync|unsafe' })
@@ -72,6 +93,9 @@ function parser(argv: string[]) {
     .option('print-uri', { type: 'boolean', default: false, describe: 'print the NBD URI on stdout once listening' })
     .option('verbose', { alias: 'v', type: 'count', describe: 'more log output (-v info, -vv debug)' })
     .option('quiet', { alias: 'q', type: 'boolean', default: false, describe: 'errors only' })
+    .option('log-format', { type: 'string', default: 'text', describe: 'log lines as text or json (one object per line)' })
+    .option('trace', { alias: 'T', type: 'boolean', default: false, describe: 'log every request and reply' })
+    .option('metrics', { type: 'string', describe: 'serve /metrics, /healthz and /readyz over HTTP on [ADDR:]PORT' })
     .strictOptions()
     .parserConfiguration({ 'duplicate-arguments-array': false })
     .version(false)
@@ -82,6 +106,29 @@ function parser(argv: string[]) {
     .fail((msg, err) => {
       throw err ?? new UsageError(msg);
     });
+}
+
+/** A Redis disk URL and --size as an image; a mistake in either is a UsageError. */
+function redisImage(url: string, sizeFlag: string | undefined): ImageSpec {
+  let target: RedisTarget;
+  try {
+    target = parseRedisUrl(url);
+  } catch (err) {
+    throw new UsageError(err instanceof Error ? err.message : String(err));
+  }
+  const size = sizeFlag === undefined ? undefined : parseSize(sizeFlag, '--size');
+  if (size !== undefined && target.size !== undefined && size !== target.size) {
+    throw new UsageError(`--size ${sizeFlag} and size= in the URL disagree`);
+  }
+  return { kind: 'redis', target, size: size ?? target.size };
+}
+
+/** "[ADDR:]PORT" as --metrics takes it: "9100", "127.0.0.1:9100", "[::1]:9100". */
+export function parseListenAddress(text: string, what: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]:|([^:\[\]]*):)?(\d+)$/.exec(text.trim());
+  if (m === null) throw new UsageError(`invalid ${what} '${text}' (expected [ADDR:]PORT, e.g. 9100 or 127.0.0.1:9100 or [::1]:9100)`);
+  const host = m[1] ?? (m[2] !== undefined && m[2] !== '' ? m[2] : DEFAULT_METRICS_HOST);
+  return { host, port: parseInteger(m[3], `${what} port`, 0, 65535) };
 }
 
 /** Parse argv; returns null when --help was printed. */
@@ -99,12 +146,15 @@ export function parseArgs(argv: string[]): Config | null {
   const imageName = positional[0]!;
   const image: ImageSpec = imageName.startsWith('memory:')
     ? { kind: 'memory', size: parseSize(imageName.slice('memory:'.length), 'memory disk size') }
-    : { kind: 'file', path: imageName };
+    : isRedisUrl(imageName)
+      ? redisImage(imageName, args.size)
+      : { kind: 'file', path: imageName };
+  if (args.size !== undefined && image.kind !== 'redis') throw new UsageError('--size applies to Redis disks (redis://...?disk=NAME)');
 
   let format: Config['format'];
   if (args.format !== undefined) {
-    if (args.format !== 'raw') throw new UsageError(`format '${args.format}' is not supported (only raw)`);
-    format = 'raw';
+    if (args.format !== 'raw' && args.format !== 'qcow2') throw new UsageError(`format '${args.format}' is not supported (raw or qcow2)`);
+    format = args.format;
   }
 
   const discard = DISCARD_MODES[String(args.discard)];
@@ -122,11 +172,17 @@ export function parseArgs(argv: string[]): Config | null {
 
   const offset = parseSize(String(args.offset), '--offset');
   if (image.kind === 'memory' && offset !== 0) throw new UsageError('--offset applies to files, not memory disks');
+  if (image.kind === 'memory' && args.snapshot) throw new UsageError('--snapshot applies to files, not memory disks');
+  if (image.kind === 'redis' && (offset !== 0 || args.snapshot || format === 'qcow2')) {
+    throw new UsageError('--offset, --snapshot and -f qcow2 apply to files, not Redis disks');
+  }
 
   return {
     image,
-    imageName,
+    imageName: image.kind === 'redis' ? image.target.display : imageName,
     format,
+    snapshot: args.snapshot,
+    allocationDepth: args['allocation-depth'],
     socket,
     bind: args.bind,
     port: parseInteger(args.port, '--port', 0, 65535),
@@ -144,5 +200,8 @@ export function parseArgs(argv: string[]): Config | null {
     shutdownTimeoutSeconds: parseInteger(args['shutdown-timeout'], '--shutdown-timeout', 0, 86400),
     printUri: args['print-uri'],
     logLevel: args.quiet ? 'error' : args.verbose >= 2 ? 'debug' : args.verbose === 1 ? 'info' : 'warn',
+    logFormat: choice(args['log-format'], '--log-format', LOG_FORMATS),
+    trace: args.trace,
+    metrics: args.metrics === undefined ? undefined : parseListenAddress(args.metrics, '--metrics'),
   };
 }

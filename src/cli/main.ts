@@ -6,12 +6,16 @@ import { openBlockNode } from '../block/open.ts';
 import type { BlockNode } from '../block/types.ts';
 import { Export } from '../exports/export.ts';
 import { ExportRegistry } from '../exports/registry.ts';
+import { AllocationDepthContext } from '../meta/allocation-depth.ts';
+import { Health } from '../metrics/health.ts';
+import { startMetricsEndpoint, type MetricsEndpoint } from '../metrics/http.ts';
+import { NbdMetrics, type MetricsSource } from '../metrics/metrics.ts';
 import { createLogger, type Logger } from '../server/log.ts';
 import { NbdServer } from '../server/server.ts';
 import { parseArgs, type Config } from './args.ts';
+import { systemdNotifier } from './notify.ts';
 import { formatSize, UsageError } from './size.ts';
-
-const QCOW2_MAGIC = Buffer.from('QFI\xfb', 'latin1');
+import { startTrace } from './trace.ts';
 
 /** A failure to start, reported as one line without a stack trace. */
 class StartError extends Error {
@@ -26,12 +30,15 @@ export async function main(argv: string[]): Promise<number> {
     return fail(err);
   }
   if (config === null) return 0;
-  const log = createLogger(config.logLevel);
+  const log = createLogger(config.logLevel, { format: config.logFormat, trace: config.trace });
+  const stopTrace = config.trace ? startTrace(log) : undefined;
   try {
     await run(config, log);
     return 0;
   } catch (err) {
     return fail(err);
+  } finally {
+    stopTrace?.();
   }
 }
 
@@ -46,7 +53,7 @@ function fail(err: unknown): number {
   return 1;
 }
 
-async function openImage(config: Config): Promise<BlockNode> {
+async function openImage(config: Config, log?: Logger): Promise<BlockNode> {
   const common = {
     readOnly: config.readOnly,
     cache: config.cache,
@@ -56,38 +63,22 @@ async function openImage(config: Config): Promise<BlockNode> {
   if (config.image.kind === 'memory') {
     return openBlockNode({ kind: 'memory', size: config.image.size, ...common });
   }
+  if (config.image.kind === 'redis') {
+    const { target, size } = config.image;
+    try {
+      return await openBlockNode({ kind: 'redis', target, size, warn: (m) => log?.warn(m), ...common });
+    } catch (err) {
+      throw new StartError(`cannot open '${config.imageName}': ${err instanceof Error ? err.message : String(err)}`);
+    }
+  }
   const path = config.image.path;
-  if (config.format === undefined) refuseOtherFormats(path);
   try {
-    return await openBlockNode({ kind: 'file', path, offset: config.offset, ...common });
+    return await openBlockNode({ kind: 'file', path, offset: config.offset, format: config.format, snapshot: config.snapshot, ...common });
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     const reason = err instanceof Error ? err.message : String(err);
     const hint = !config.readOnly && (code === 'EACCES' || code === 'EROFS' || code === 'EPERM') ? ' (use -r/--read-only to serve it read-only)' : '';
     throw new StartError(`cannot open '${path}': ${reason}${hint}`);
-  }
-}
-
-/** Without -f, refuse to serve a qcow2 image as raw bytes (qemu-nbd would probe it). */
-function refuseOtherFormats(path: string): void {
-  let fd: number;
-  try {
-    fd = fs.openSync(path, 'r');
-  } catch {
-    return; // the real open reports the error with its hint
-  }
-  try {
-    const head = Buffer.alloc(4);
-    try {
-      fs.readSync(fd, head, 0, 4, 0);
-    } catch {
-      return; // a directory, say: the real open says what is wrong
-    }
-    if (head.equals(QCOW2_MAGIC)) {
-      throw new StartError(`'${path}' is a qcow2 image, which is not supported yet; pass -f raw to serve its bytes as they are`);
-    }
-  } finally {
-    fs.closeSync(fd);
   }
 }
 
@@ -99,9 +90,75 @@ function uriFor(config: Config, port: number): string {
   return `nbd://${host}:${port}/${name}`;
 }
 
+/** --metrics: the registry and its HTTP endpoint, started before the image opens (so /readyz says "starting"). */
+interface Observability {
+  health: Health;
+  metrics: NbdMetrics;
+  endpoint: MetricsEndpoint;
+  close(): Promise<void>;
+}
+
+async function startObservability(config: Config, source: MetricsSource, log: Logger): Promise<Observability | undefined> {
+  if (config.metrics === undefined) return undefined;
+  const { host, port } = config.metrics;
+  const health = new Health().start();
+  const metrics = new NbdMetrics(source).start();
+  let endpoint: MetricsEndpoint;
+  try {
+    endpoint = await startMetricsEndpoint({
+      host,
+      port,
+      registry: metrics.registry,
+      health,
+      onError: (err) => log.error(`metrics endpoint: ${err instanceof Error ? err.message : String(err)}`),
+    });
+  } catch (err) {
+    health.stop();
+    metrics.stop();
+    const code = (err as NodeJS.ErrnoException).code;
+    const reason = code === 'EADDRINUSE' ? 'address already in use' : err instanceof Error ? err.message : String(err);
+    throw new StartError(`cannot listen for metrics on ${host.includes(':') ? `[${host}]` : host}:${port}: ${reason}`);
+  }
+  const { address, port: bound } = endpoint.address;
+  log.info(`metrics at http://${address.includes(':') ? `[${address}]` : address}:${bound}/metrics`, { metrics_port: bound });
+  return {
+    health,
+    metrics,
+    endpoint,
+    async close() {
+      await endpoint.close();
+      metrics.stop();
+      health.stop();
+    },
+  };
+}
+
 async function run(config: Config, log: Logger): Promise<void> {
-  const node = await openImage(config);
   const exports = new ExportRegistry();
+  const current: { server?: NbdServer } = {};
+  const source: MetricsSource = {
+    exports: () => exports.list().map((e) => ({ name: e.name, size: e.size })),
+    connections: () => [...(current.server?.connections ?? [])].map((c) => ({ export: c.session?.export.name, inflight: c.inflight })),
+    waiting: () => current.server?.waiting ?? 0,
+    bitmaps: () => [],
+  };
+  const observability = await startObservability(config, source, log);
+  try {
+    await serve(config, log, exports, current, observability);
+  } finally {
+    await observability?.close();
+  }
+}
+
+/** Open, listen, and serve until stopped; resolves once stopped. */
+async function serve(
+  config: Config,
+  log: Logger,
+  exports: ExportRegistry,
+  current: { server?: NbdServer },
+  observability: Observability | undefined,
+): Promise<void> {
+  const node = await openImage(config, log);
   exports.add(
     new Export({
       name: config.exportName,
@@ -110,6 +167,8 @@ async function run(config: Config, log: Logger): Promise<void> {
       readOnly: config.readOnly,
       // DESIGN invariant 2: multi-conn exactly when more than one client may connect.
       multiConn: config.shared !== 1,
+      // Context id 1, as qemu-nbd numbers it.
+      metaContexts: config.allocationDepth ? [new AllocationDepthContext(node)] : [],
     }),
   );
   const server = new NbdServer({
@@ -119,6 +178,7 @@ async function run(config: Config, log: Logger): Promise<void> {
     handshakeLimitMs: config.handshakeLimitSeconds * 1000,
     log,
   });
+  current.server = server;
 
   let port = config.port;
   try {
@@ -142,6 +202,10 @@ async function run(config: Config, log: Logger): Promise<void> {
     process.stdout.write(`${uri}\n`);
     process.stderr.write(`nbd-export: serving '${config.imageName}' (${formatSize(node.size)}); try: nbdinfo ${uri}\n`);
   }
+  // Every listener is bound and every export open.
+  observability?.health.setReady();
+  const notifier = systemdNotifier(log);
+  await notifier?.notify(`READY=1\nSTATUS=serving ${uri}\nMAINPID=${process.pid}`);
 
   await new Promise<void>((resolve) => {
     let stopping = false;
@@ -152,6 +216,8 @@ async function run(config: Config, log: Logger): Promise<void> {
       }
       stopping = true;
       log.info(`stopping: ${why}`);
+      observability?.health.setStopping();
+      await notifier?.notify(`STOPPING=1\nSTATUS=stopping: ${why}`);
       await server.close(config.shutdownTimeoutSeconds * 1000);
       try {
         await node.close();
