@@ -1770,7 +1770,10 @@ export const DEFAULT_OPTIONS: Omit<FuzzOptions, 'seed'> = {
   checkEvery: 20,
   probeEvery: 10,
   probeStart: 0,
-  maxRssMiB: 400,
+  // README "Memory bound": ~100 MiB runtime, the 256 MiB request budget,
+  // 32 MiB of pooled read buffers, plus the 64 MiB memory disk once the
+  // cases have written all of it, and 64 MiB for garbage not yet collected.
+  maxRssMiB: 100 + 256 + 32 + 64 + 64,
   verbose: false,
   log: (line) => console.log(line),
 };
