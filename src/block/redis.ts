@@ -18,13 +18,16 @@
 //
 // Nothing is cached here: every read goes to Redis, so a write acknowledged
 // by any process is seen by every later read through any process. Commands
-// are auto-pipelined by ioredis (one write per event-loop tick, per node).
+// are pipelined (sent without waiting for earlier replies; on a standalone
+// Redis also auto-pipelined, one write per event-loop tick).
 //
 // Faults: every call is bounded by the URL's timeout and fails with EIO
 // (ENOSPC for Redis's OOM refusal); commands are never queued while the
 // connection is down nor resent after it comes back (a request that failed
-// may or may not have been applied, as with any disk); the client reconnects
-// by itself and service resumes.
+// may or may not have been applied, as with any disk: one that timed out
+// while Redis had it may still land later); the client reconnects by itself
+// and service resumes. Huge zeroing runs in steps, each bounded by the
+// timeout, so a dead Redis fails it in time but a slow one does not.
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import tls from 'node:tls';
@@ -42,10 +45,20 @@ export const DEFAULT_REDIS_CHUNK = 64 * 1024;
 export const DEFAULT_REDIS_GROUP = 256;
 /** At most this many groups' bitmaps are read by one extents() call (16 GiB of disk at the defaults). */
 const MAX_EXTENT_GROUPS = 1024;
-/** Groups handled at once by extents() and whole-chunk zeroing. */
+/** Groups whose bitmaps extents() reads at once. */
 const GROUP_BATCH = 128;
+/**
+ * Chunks in one step of whole-chunk zeroing (2 GiB at the default chunk
+ * size): one round of bitmap reads, then the scripts dropping what is
+ * allocated, all within one timeout.
+ */
+const SLICE_CHUNKS = 32768;
+/** And at most this many groups (bitmap reads) per step, for disks with small groups. */
+const SLICE_GROUPS = 1024;
 /** Chunk keys per zeroing script call. */
 const KEYS_PER_SCRIPT = 1024;
+/** Bitmaps per MGET (standalone Redis): at most 8 MiB at the largest group. */
+const MGET_KEYS = 1024;
 
 export interface RedisNodeOptions {
   target: RedisTarget;
@@ -124,6 +137,23 @@ end
 if redis.call('BITCOUNT', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
 return 0
 `);
+
+/** Bits [lo, hi) of group g's allocation bitmap. */
+interface BitRange {
+  g: number;
+  lo: number;
+  hi: number;
+}
+
+const EMPTY = Buffer.alloc(0);
+
+/** Bit lookup in bitmap bytes that start at byte `firstByte` of the bitmap (Redis's order: bit 0 is the top bit of byte 0). */
+function lookup(buf: Buffer, firstByte: number): (bit: number) => boolean {
+  return (bit: number) => {
+    const byte = buf[(bit >> 3) - firstByte];
+    return byte !== undefined && (byte & (0x80 >> (bit & 7))) !== 0;
+  };
+}
 
 /** One piece of a request inside one chunk. */
 interface Piece {
@@ -426,7 +456,16 @@ export class RedisNode implements BlockNode {
     if (opts.fua === true && this.#waits) await this.#durable();
   }
 
-  /** Zero a range: partial chunks in place (atomically), whole chunks dropped (their bits kept when `keep`). */
+  /**
+   * Zero a range: partial chunks in place (atomically), whole chunks dropped
+   * (their bits kept when `keep`). A huge range (a whole disk, with 64-bit
+   * lengths or small chunks) is worked through in steps of SLICE_CHUNKS
+   * chunks or SLICE_GROUPS groups: the timeout bounds every step (so a dead
+   * Redis is still EIO within it), not the whole zeroing, which takes time
+   * in proportion to the groups it covers. No Redis command grows with the
+   * range: at most MGET_KEYS bitmaps per MGET, KEYS_PER_SCRIPT chunks per
+   * script.
+   */
   async #zero(offset: number, length: number, keep: boolean): Promise<void> {
     if (length === 0) return;
     const cs = this.chunkSize;
@@ -445,66 +484,79 @@ export class RedisNode implements BlockNode {
       if (wholeEndByte < end) parts.push(...[...this.#pieces(wholeEndByte, end - wholeEndByte).values()].flat());
     }
     const keepArg = keep ? '1' : '0';
-    await this.#op(async (live) => {
-      const calls: Promise<unknown>[] = [];
-      const byGroup = new Map<number, Piece[]>();
-      for (const p of parts) {
-        const g = Math.floor(p.index / this.groupChunks);
-        byGroup.set(g, [...(byGroup.get(g) ?? []), p]);
-      }
-      for (const [g, pieces] of byGroup) {
-        const keys = [this.#allocKey(g), ...pieces.map((p) => this.#chunkKey(p.index))];
-        const args: Arg[] = [keepArg];
-        for (const p of pieces) args.push(p.index - g * this.groupChunks, p.at, p.n);
-        calls.push(runScript(this.#client, ZERO_PART, keys, args));
-      }
-      if (wholeEnd > wholeFirst) calls.push(this.#dropWhole(wholeFirst, wholeEnd, keep, live));
-      await Promise.all(calls);
-    });
-  }
-
-  /** Drop chunks [first, end): read each group's bitmap, drop the allocated ones. */
-  async #dropWhole(first: number, end: number, keep: boolean, live: () => boolean): Promise<void> {
-    const G = this.groupChunks;
-    const keepArg = keep ? '1' : '0';
-    for (let g0 = Math.floor(first / G); g0 * G < end && live(); g0 += GROUP_BATCH) {
-      const batch: Promise<unknown>[] = [];
-      for (let g = g0; g < g0 + GROUP_BATCH && g * G < end; g++) {
-        const lo = Math.max(first, g * G) - g * G;
-        const hi = Math.min(end, (g + 1) * G) - g * G; // bits [lo, hi)
-        batch.push(
-          this.#bitmap(g, lo, hi).then((bits) => {
-            const calls: Promise<unknown>[] = [];
-            let keys: string[] = [];
-            let args: Arg[] = [];
-            const send = () => {
-              if (keys.length > 0) calls.push(runScript(this.#client, ZERO_WHOLE, [this.#allocKey(g), ...keys], [keepArg, ...args]));
-              keys = [];
-              args = [];
-            };
-            for (let b = lo; b < hi; b++) {
-              if (!bits(b)) continue;
-              keys.push(this.#chunkKey(g * G + b));
-              args.push(b);
-              if (keys.length >= KEYS_PER_SCRIPT) send();
-            }
-            send();
-            return Promise.all(calls);
-          }),
-        );
-      }
-      await Promise.all(batch);
+    if (parts.length > 0) {
+      await this.#op(async () => {
+        const calls: Promise<unknown>[] = [];
+        const byGroup = new Map<number, Piece[]>();
+        for (const p of parts) {
+          const g = Math.floor(p.index / this.groupChunks);
+          byGroup.set(g, [...(byGroup.get(g) ?? []), p]);
+        }
+        for (const [g, pieces] of byGroup) {
+          const keys = [this.#allocKey(g), ...pieces.map((p) => this.#chunkKey(p.index))];
+          const args: Arg[] = [keepArg];
+          for (const p of pieces) args.push(p.index - g * this.groupChunks, p.at, p.n);
+          calls.push(runScript(this.#client, ZERO_PART, keys, args));
+        }
+        await Promise.all(calls);
+      });
+    }
+    const step = Math.max(1, Math.min(SLICE_CHUNKS, SLICE_GROUPS * this.groupChunks));
+    for (let c = wholeFirst; c < wholeEnd; c += step) {
+      const first = c;
+      await this.#op(() => this.#dropWhole(first, Math.min(wholeEnd, first + step), keep));
     }
   }
 
-  /** Bits [lo, hi) of group g's allocation bitmap, as a lookup function. */
-  async #bitmap(g: number, lo: number, hi: number): Promise<(bit: number) => boolean> {
-    const firstByte = lo >> 3;
-    const buf = await this.#client.getrangeBuffer(this.#allocKey(g), firstByte, (hi - 1) >> 3);
-    return (bit: number) => {
-      const byte = buf[(bit >> 3) - firstByte];
-      return byte !== undefined && (byte & (0x80 >> (bit & 7))) !== 0;
-    };
+  /** Drop chunks [first, end): read each group's bitmap, drop the allocated ones. */
+  async #dropWhole(first: number, end: number, keep: boolean): Promise<void> {
+    const G = this.groupChunks;
+    const keepArg = keep ? '1' : '0';
+    const ranges: BitRange[] = [];
+    for (let g = Math.floor(first / G); g * G < end; g++) {
+      ranges.push({ g, lo: Math.max(first, g * G) - g * G, hi: Math.min(end, (g + 1) * G) - g * G });
+    }
+    const lookups = await this.#bitmaps(ranges);
+    const calls: Promise<unknown>[] = [];
+    ranges.forEach(({ g, lo, hi }, i) => {
+      const bits = lookups[i]!;
+      let keys: string[] = [];
+      let args: Arg[] = [];
+      const send = () => {
+        if (keys.length > 0) calls.push(runScript(this.#client, ZERO_WHOLE, [this.#allocKey(g), ...keys], [keepArg, ...args]));
+        keys = [];
+        args = [];
+      };
+      for (let b = lo; b < hi; b++) {
+        if (!bits(b)) continue;
+        keys.push(this.#chunkKey(g * G + b));
+        args.push(b);
+        if (keys.length >= KEYS_PER_SCRIPT) send();
+      }
+      send();
+    });
+    await Promise.all(calls);
+  }
+
+  /**
+   * Bits [lo, hi) of each group's allocation bitmap, as lookup functions.
+   * A standalone Redis answers up to MGET_KEYS bitmaps with one MGET (they
+   * are small: group/8 bytes); in a cluster each group is in its own slot,
+   * so each is one GETRANGE of just the bytes needed (pipelined).
+   */
+  async #bitmaps(ranges: readonly BitRange[]): Promise<((bit: number) => boolean)[]> {
+    const client = this.#client;
+    if (client instanceof Cluster) {
+      return Promise.all(
+        ranges.map(async ({ g, lo, hi }) => lookup(await client.getrangeBuffer(this.#allocKey(g), lo >> 3, (hi - 1) >> 3), lo >> 3)),
+      );
+    }
+    const batches: Promise<((bit: number) => boolean)[]>[] = [];
+    for (let i = 0; i < ranges.length; i += MGET_KEYS) {
+      const keys = ranges.slice(i, i + MGET_KEYS).map((r) => this.#allocKey(r.g));
+      batches.push(client.mgetBuffer(...keys).then((bufs) => bufs.map((b) => lookup(b ?? EMPTY, 0))));
+    }
+    return (await Promise.all(batches)).flat();
   }
 
   async cache(_offset: number, _length: number): Promise<void> {}
@@ -519,15 +571,13 @@ export class RedisNode implements BlockNode {
     const lastGroup = Math.min(Math.floor(last / G), Math.floor(first / G) + MAX_EXTENT_GROUPS - 1);
     await this.#op(async () => {
       for (let g0 = Math.floor(first / G); g0 <= lastGroup && !c.done; g0 += GROUP_BATCH) {
-        const groups: { g: number; lo: number; hi: number; bits: Promise<(bit: number) => boolean> }[] = [];
+        const groups: BitRange[] = [];
         for (let g = g0; g < g0 + GROUP_BATCH && g <= lastGroup; g++) {
-          const lo = Math.max(first, g * G) - g * G;
-          const hi = Math.min(last + 1, (g + 1) * G) - g * G;
-          groups.push({ g, lo, hi, bits: this.#bitmap(g, lo, hi) });
+          groups.push({ g, lo: Math.max(first, g * G) - g * G, hi: Math.min(last + 1, (g + 1) * G) - g * G });
         }
-        await Promise.all(groups.map((x) => x.bits));
-        for (const { g, lo, hi, bits } of groups) {
-          const bit = await bits;
+        const lookups = await this.#bitmaps(groups);
+        for (const [i, { g, lo, hi }] of groups.entries()) {
+          const bit = lookups[i]!;
           let runStart = lo;
           let runData = bit(lo);
           for (let b = lo + 1; b <= hi; b++) {
@@ -678,9 +728,16 @@ function makeClient(t: RedisTarget): Client {
     return new Redis({ ...node, host: h.host, port: h.port, db: t.db });
   }
   const options: ClusterOptions = {
-    redisOptions: node,
+    // No auto-pipelining here: ioredis retries a batch after a MOVED or ASK
+    // redirection only when every command in it failed the same way, so a
+    // batch spanning slots that moved in a reshard would fail, and keep
+    // failing, as its slot table is not refreshed then. Sent one by one,
+    // each command follows its redirection (it was not run where it was
+    // refused, so sending it again is safe) and the slot table is updated.
+    // Commands still go out without waiting for earlier replies.
+    redisOptions: { ...node, enableAutoPipelining: false },
     enableOfflineQueue: false,
-    enableAutoPipelining: true,
+    enableAutoPipelining: false,
     lazyConnect: true,
     scaleReads: 'master',
     slotsRefreshTimeout: t.timeoutMs,

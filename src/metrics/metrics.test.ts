@@ -1,10 +1,16 @@
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
 import { describe, test } from 'node:test';
 import { NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE, NBD_EINVAL, NBD_EIO, NBD_ENOSPC } from '../protocol/constants.ts';
 import { channels, type RequestEvent } from '../server/events.ts';
 import { Health } from './health.ts';
 import { startMetricsEndpoint } from './http.ts';
 import { DURATION_BUCKETS, NbdMetrics, type MetricsSource } from './metrics.ts';
+import { serverSource } from './source.ts';
+import { MemoryNode } from '../block/memory.ts';
+import { Export, type BitmapStat } from '../exports/export.ts';
+import { ExportRegistry } from '../exports/registry.ts';
 
 /** Samples of the exposition text: 'name{labels}' -> value. */
 function samples(text: string): Map<string, number> {
@@ -165,6 +171,61 @@ describe('NbdMetrics', () => {
       assert.deepEqual(count?.labels, { export: 'disk', command: 'read' });
       assert.equal(count?.value, 1);
     });
+  });
+});
+
+describe('serverSource: the export registry and the server, as scraped', () => {
+  test("an export's dirty bitmaps become nbd_dirty_bitmap_dirty_bytes{export,bitmap}, read at each scrape", async () => {
+    // A fake provider: the real bitmaps (src/meta/) satisfy BitmapStat too.
+    let dirty = 0;
+    const live: BitmapStat[] = [{ name: 'b0', dirtyBytes: () => dirty }];
+    const exports = new ExportRegistry();
+    exports.add(new Export({ name: 'disk', node: new MemoryNode(1 << 20), multiConn: true, bitmapStats: () => live }));
+    exports.add(new Export({ name: 'plain', node: new MemoryNode(4096), multiConn: false }));
+    const conns = [
+      { session: { export: { name: 'disk' } }, inflight: 2 },
+      { session: null, inflight: 0 },
+    ];
+    let server: { connections: typeof conns; waiting: number } | undefined;
+    await withMetrics(serverSource(exports, () => server), async (m) => {
+      let s = samples(await m.text());
+      assert.equal(s.get('nbd_dirty_bitmap_dirty_bytes{export="disk",bitmap="b0"}'), 0);
+      assert.equal(s.get('nbd_export_size_bytes{export="disk"}'), 1 << 20);
+      assert.equal(s.get('nbd_export_size_bytes{export="plain"}'), 4096);
+      assert.equal(s.get('nbd_connections_active{export="disk"}'), 0, 'no server yet');
+      dirty = 3 * 65536;
+      live.push({ name: 'b1', dirtyBytes: () => 512 });
+      server = { connections: conns, waiting: 1 };
+      s = samples(await m.text());
+      assert.equal(s.get('nbd_dirty_bitmap_dirty_bytes{export="disk",bitmap="b0"}'), 3 * 65536);
+      assert.equal(s.get('nbd_dirty_bitmap_dirty_bytes{export="disk",bitmap="b1"}'), 512);
+      assert.equal([...s.keys()].filter((k) => k.includes('export="plain"') && k.startsWith('nbd_dirty_bitmap')).length, 0);
+      assert.equal(s.get('nbd_connections_active{export="disk"}'), 1);
+      assert.equal(s.get('nbd_connections_negotiating'), 1);
+      assert.equal(s.get('nbd_connections_waiting'), 1);
+      assert.equal(s.get('nbd_requests_in_flight{export="disk"}'), 2);
+      // A bitmap removed is gone from the next scrape.
+      live.shift();
+      s = samples(await m.text());
+      assert.equal(s.has('nbd_dirty_bitmap_dirty_bytes{export="disk",bitmap="b0"}'), false);
+      assert.equal(s.get('nbd_dirty_bitmap_dirty_bytes{export="disk",bitmap="b1"}'), 512);
+    });
+  });
+});
+
+describe('layering', () => {
+  test('only src/metrics/ imports prom-client (protocol, block, server and export code publish events)', () => {
+    const src = path.join(import.meta.dirname, '..');
+    const offenders: string[] = [];
+    for (const dir of fs.readdirSync(src)) {
+      if (dir === 'metrics' || !fs.statSync(path.join(src, dir)).isDirectory()) continue;
+      for (const f of fs.readdirSync(path.join(src, dir), { recursive: true }) as string[]) {
+        if (!f.endsWith('.ts')) continue;
+        const text = fs.readFileSync(path.join(src, dir, f), 'utf8');
+        if (/(?:from|import|require)\s*\(?\s*['"]prom-client['"]/.test(text)) offenders.push(`${dir}/${f}`);
+      }
+    }
+    assert.deepEqual(offenders, []);
   });
 });
 

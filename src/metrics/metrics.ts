@@ -20,7 +20,7 @@ export interface MetricsSource {
   connections(): Iterable<{ export: string | undefined; inflight: number }>;
   /** Clients waiting for a connection slot. */
   waiting(): number;
-  /** Dirty bitmaps (none exist yet). */
+  /** Dirty bitmaps of every export (Export.bitmapStats). */
   bitmaps(): Iterable<{ export: string; bitmap: string; dirtyBytes: number }>;
 }
 
