@@ -204,6 +204,7 @@ export class Connection {
         close: (reason, cause) => this.close(reason, cause),
         progress: () => this.#pump(),
         debug: (msg) => this.#debug(msg),
+        debugging: owner.log.debugEnabled,
         warn: (msg, fields) => owner.log.warn(msg, { conn: this.id, ...fields }),
         observing: () => owner.observing?.() ?? 0,
         requestStart: (event) => owner.requestStart?.(event),

@@ -77,6 +77,8 @@ export interface TransmissionHost {
   /** Work drained: the connection may feed again. */
   progress(): void;
   debug(message: string): void;
+  /** False when debug() discards its message: per-request lines are then not built. */
+  readonly debugging?: boolean;
   warn(message: string, fields?: LogFields): void;
   /** The connection's id, for events. */
   readonly id?: number;
@@ -196,7 +198,7 @@ export class Transmission {
           }
           if (observe !== 0 && now === 0) now = performance.now();
           if ((observe & OBSERVE_START) !== 0) this.#host.requestStart?.(this.#event(req, 0, 0, now, 0));
-          this.#host.debug(`request ${commandName(req.type)} flags 0x${req.flags.toString(16)} offset ${req.offset} length ${req.length}`);
+          if (this.#host.debugging !== false) this.#host.debug(`request ${commandName(req.type)} flags 0x${req.flags.toString(16)} offset ${req.offset} length ${req.length}`);
           if (req.type === NBD_CMD_DISC) {
             // "NBD_CMD_DISC": finish what is in flight, then close.
             this.#done(req, 0, 0, now);
@@ -349,7 +351,7 @@ export class Transmission {
   }
 
   #errorReply(req: Request, error: number, message: string): Buffer[] {
-    this.#host.debug(`reply ${commandName(req.type)} error ${errorLabel(error)}`);
+    if (this.#host.debugging !== false) this.#host.debug(`reply ${commandName(req.type)} error ${errorLabel(error)}`);
     // Structured replies carry READ and BLOCK_STATUS errors as an error
     // chunk; every other command may use a simple reply ("Simple reply message").
     const structured = this.#session.structuredReplies && (req.type === NBD_CMD_READ || req.type === NBD_CMD_BLOCK_STATUS);
