@@ -25,6 +25,8 @@ export interface Config {
   snapshot: boolean;
   /** -A: offer the qemu:allocation-depth meta context. */
   allocationDepth: boolean;
+  /** -B/--bitmap (repeatable): offer qemu:dirty-bitmap:NAME for each. */
+  bitmaps: string[];
   socket: string | undefined;
   bind: string;
   port: number;
@@ -69,7 +71,7 @@ function choice<T extends string>(value: unknown, what: string, allowed: readonl
 function parser(argv: string[]) {
   return yargs(argv)
     .scriptName('nbd-export')
-    .usage('Usage: $0 [OPTIONS] FILENAME\n\nServe FILENAME (a raw or qcow2 disk image or block device, or memory:SIZE for a sparse\nin-memory disk) over NBD. Flags follow qemu-nbd.\nA Redis disk: redis://HOST:PORT/DB?disk=NAME, rediss://,\nredis+unix:///PATH?disk=NAME, redis+cluster://H:P,H:P?disk=NAME')
+    .usage('Usage: $0 [OPTIONS] FILENAME\n\nServe FILENAME (a raw or qcow2 disk image or block device, or memory:SIZE for a sparse\nin-memory disk) over NBD. Flags follow qemu-nbd.\nA Redis disk: redis://HOST:PORT/DB?disk=NAME, rediss://,\nredis+unix:///PATH?disk=NAME, redis+cluster://H:P,H:P?disk=NAME\n\nManage dirty bitmaps: $0 bitmap --help')
     .option('bind', { alias: 'b', type: 'string', default: '0.0.0.0', describe: 'address to listen on (IPv4 or IPv6)' })
     .option('port', { alias: 'p', type: 'string', default: String(DEFAULT_PORT), describe: 'TCP port to listen on (0 picks a free one)' })
     .option('socket', { alias: 'k', type: 'string', describe: 'listen on this Unix socket instead of TCP' })
@@ -81,6 +83,8 @@ function parser(argv: string[]) {
     .option('format', { alias: 'f', type: 'string', describe: 'image format: raw or qcow2 (default: probe)' })
     .option('snapshot', { alias: 's', type: 'boolean', default: false, describe: 'serve through a temporary overlay; the image is not changed' })
     .option('allocation-depth', { alias: 'A', type: 'boolean', default: false, describe: 'offer the qemu:allocation-depth meta context' })
+    // nargs 1: each -B takes one name and never swallows FILENAME.
+    .option('bitmap', { alias: 'B', type: 'string', array: true, nargs: 1, describe: 'offer the dirty bitmap NAME as qemu:dirty-bitmap:NAME (repeatable)' })
     .option('offset', { alias: 'o', type: 'string', default: '0', describe: 'bytes to skip at the start of the image' })
     .option('size', { type: 'string', describe: 'create the Redis disk (redis://...?disk=NAME) with SIZE bytes if it does not exist yet' })
     .option('discard', { type: 'string', default: 'ignore', describe: 'trim requests: ignore|unmap' })
@@ -183,6 +187,8 @@ export function parseArgs(argv: string[]): Config | null {
     format,
     snapshot: args.snapshot,
     allocationDepth: args['allocation-depth'],
+    // With duplicate-arguments-array off, yargs keeps every -B/--bitmap under the alias key only.
+    bitmaps: ((args as { B?: unknown }).B as string[] | undefined ?? []).map(String),
     socket,
     bind: args.bind,
     port: parseInteger(args.port, '--port', 0, 65535),

@@ -2,27 +2,37 @@
 // listeners, then runs until a signal, or until the last client leaves
 // when not persistent (as qemu-nbd does).
 import fs from 'node:fs';
+import { fixMmapThreshold } from '../block/ffi.ts';
 import { openBlockNode } from '../block/open.ts';
 import type { BlockNode } from '../block/types.ts';
 import { Export } from '../exports/export.ts';
 import { ExportRegistry } from '../exports/registry.ts';
 import { AllocationDepthContext } from '../meta/allocation-depth.ts';
+import { AUTOCLEAR_BITMAPS } from '../meta/qcow2-bitmaps.ts';
 import { Health } from '../metrics/health.ts';
 import { startMetricsEndpoint, type MetricsEndpoint } from '../metrics/http.ts';
 import { NbdMetrics, type MetricsSource } from '../metrics/metrics.ts';
+import { serverSource } from '../metrics/source.ts';
 import { createLogger, type Logger } from '../server/log.ts';
 import { NbdServer } from '../server/server.ts';
 import { parseArgs, type Config } from './args.ts';
+import { bitmapCommand } from './bitmap-command.ts';
+import { openServed } from './bitmap-serve.ts';
 import { systemdNotifier } from './notify.ts';
 import { formatSize, UsageError } from './size.ts';
 import { startTrace } from './trace.ts';
 
 /** A failure to start, reported as one line without a stack trace. */
+/** Allocations from this size up get their own mmap (a 256 KiB read buffer and up). */
+const MMAP_THRESHOLD = 256 * 1024;
+
 class StartError extends Error {
   override name = 'StartError';
 }
 
 export async function main(argv: string[]): Promise<number> {
+  // `nbd-export bitmap ...` manages bitmaps instead of serving (a file named bitmap is ./bitmap).
+  if (argv[0] === 'bitmap') return bitmapCommand(argv.slice(1));
   let config: Config | null;
   try {
     config = parseArgs(argv);
@@ -30,6 +40,8 @@ export async function main(argv: string[]): Promise<number> {
     return fail(err);
   }
   if (config === null) return 0;
+  // Large request buffers go back to the system when freed (see ffi.ts).
+  fixMmapThreshold(MMAP_THRESHOLD);
   const log = createLogger(config.logLevel, { format: config.logFormat, trace: config.trace });
   const stopTrace = config.trace ? startTrace(log) : undefined;
   try {
@@ -73,7 +85,8 @@ async function openImage(config: Config, log?: Logger): Promise<BlockNode> {
   }
   const path = config.image.path;
   try {
-    return await openBlockNode({ kind: 'file', path, offset: config.offset, format: config.format, snapshot: config.snapshot, ...common });
+    // openServed keeps the qcow2 bitmaps (and their auto-clear bit) up to date while we write.
+    return await openBlockNode({ kind: 'file', path, offset: config.offset, format: config.format, snapshot: config.snapshot, keepAutoclear: AUTOCLEAR_BITMAPS, ...common });
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     const reason = err instanceof Error ? err.message : String(err);
@@ -136,12 +149,7 @@ async function startObservability(config: Config, source: MetricsSource, log: Lo
 async function run(config: Config, log: Logger): Promise<void> {
   const exports = new ExportRegistry();
   const current: { server?: NbdServer } = {};
-  const source: MetricsSource = {
-    exports: () => exports.list().map((e) => ({ name: e.name, size: e.size })),
-    connections: () => [...(current.server?.connections ?? [])].map((c) => ({ export: c.session?.export.name, inflight: c.inflight })),
-    waiting: () => current.server?.waiting ?? 0,
-    bitmaps: () => [],
-  };
+  const source = serverSource(exports, () => current.server);
   const observability = await startObservability(config, source, log);
   try {
     await serve(config, log, exports, current, observability);
@@ -158,7 +166,9 @@ async function serve(
   current: { server?: NbdServer },
   observability: Observability | undefined,
 ): Promise<void> {
-  const node = await openImage(config, log);
+  // The image lock, the bitmaps and the marking wrapper come with the node (bitmap-serve.ts).
+  const served = await openServed(config, () => openImage(config, log));
+  const node = served.node;
   exports.add(
     new Export({
       name: config.exportName,
@@ -169,6 +179,8 @@ async function serve(
       multiConn: config.shared !== 1,
       // Context id 1, as qemu-nbd numbers it.
       metaContexts: config.allocationDepth ? [new AllocationDepthContext(node)] : [],
+      bitmapContexts: served.contexts,
+      bitmapStats: () => served.contexts.map((c) => c.bitmap),
     }),
   );
   const server = new NbdServer({
@@ -189,6 +201,7 @@ async function serve(
     }
   } catch (err) {
     await node.close();
+    served.release();
     const where = config.socket ?? `${config.bind}:${config.port}`;
     const code = (err as NodeJS.ErrnoException).code;
     const reason = code === 'EADDRINUSE' ? 'address already in use' : err instanceof Error ? err.message : String(err);
@@ -224,6 +237,7 @@ async function serve(
       } catch (err) {
         log.error(`closing the image failed: ${err instanceof Error ? err.message : String(err)}`);
       }
+      served.release();
       if (config.pidFile !== undefined) fs.rmSync(config.pidFile, { force: true });
       resolve();
     };

@@ -4,6 +4,7 @@
 import type { BlockNode } from '../block/types.ts';
 import { BaseAllocationContext } from '../meta/base-allocation.ts';
 import type { MetaContext } from '../meta/context.ts';
+import type { DirtyBitmapContext } from '../meta/dirty-bitmap-context.ts';
 
 // The server finds holes in read replies with the block layer's zero tests.
 export { isAllZero, zeroRuns } from '../block/node.ts';
@@ -16,6 +17,15 @@ export interface BlockSizeConstraints {
 
 /** Spec defaults ("Size constraints"): 1, 4096, 32 MiB. */
 export const DEFAULT_BLOCK_SIZE: BlockSizeConstraints = { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 };
+
+/**
+ * A dirty bitmap as the metrics see it (nbd_dirty_bitmap_dirty_bytes):
+ * its name and a cheap count of the bytes it marks dirty.
+ */
+export interface BitmapStat {
+  readonly name: string;
+  dirtyBytes(): number;
+}
 
 export interface ExportOptions {
   name: string;
@@ -30,7 +40,15 @@ export interface ExportOptions {
   multiConn: boolean;
   /** Extra contexts after base:allocation, in the order their ids follow. */
   metaContexts?: MetaContext[];
+  /**
+   * `qemu:dirty-bitmap:NAME` contexts, after the others. As in qemu-nbd
+   * (nbd/server.c NBD_META_ID_DIRTY_BITMAP) their ids start at 2 whether
+   * or not qemu:allocation-depth (id 1) is offered.
+   */
+  bitmapContexts?: DirtyBitmapContext[];
   blockSize?: BlockSizeConstraints;
+  /** The export's dirty bitmaps, for metrics; asked again at every scrape (bitmaps come and go). */
+  bitmapStats?: () => Iterable<BitmapStat>;
 }
 
 export class Export {
@@ -40,8 +58,11 @@ export class Export {
   readonly readOnly: boolean;
   readonly multiConn: boolean;
   readonly blockSize: BlockSizeConstraints;
-  /** Context ids are positions in this list: base:allocation is 0, as in qemu-nbd. */
+  /** In id order: base:allocation is 0, qemu:allocation-depth 1, bitmaps from 2, as in qemu-nbd. */
   readonly metaContexts: readonly MetaContext[];
+  readonly #ids = new Map<MetaContext, number>();
+  readonly #byId = new Map<number, MetaContext>();
+  readonly #bitmapStats: () => Iterable<BitmapStat>;
 
   constructor(opts: ExportOptions) {
     this.name = opts.name;
@@ -50,7 +71,23 @@ export class Export {
     this.readOnly = (opts.readOnly ?? false) || !opts.node.capabilities.writable;
     this.multiConn = opts.multiConn;
     this.blockSize = opts.blockSize ?? DEFAULT_BLOCK_SIZE;
-    this.metaContexts = [new BaseAllocationContext(opts.node), ...(opts.metaContexts ?? [])];
+    const others = [new BaseAllocationContext(opts.node), ...(opts.metaContexts ?? [])];
+    const bitmaps = opts.bitmapContexts ?? [];
+    this.metaContexts = [...others, ...bitmaps];
+    others.forEach((ctx, i) => this.#setId(ctx, i));
+    const firstBitmapId = Math.max(2, others.length);
+    bitmaps.forEach((ctx, i) => this.#setId(ctx, firstBitmapId + i));
+    this.#bitmapStats = opts.bitmapStats ?? (() => []);
+  }
+
+  #setId(ctx: MetaContext, id: number): void {
+    this.#ids.set(ctx, id);
+    this.#byId.set(id, ctx);
+  }
+
+  /** The dirty bitmaps of this export, for metrics. */
+  bitmapStats(): Iterable<BitmapStat> {
+    return this.#bitmapStats();
   }
 
   get size(): number {
@@ -59,10 +96,10 @@ export class Export {
 
   /** The context with this id, as handed out by contextId(). */
   context(id: number): MetaContext | undefined {
-    return this.metaContexts[id];
+    return this.#byId.get(id);
   }
 
   contextId(context: MetaContext): number {
-    return this.metaContexts.indexOf(context);
+    return this.#ids.get(context) ?? -1;
   }
 }
