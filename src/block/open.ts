@@ -25,8 +25,10 @@ export interface FileNodeSpec extends CommonNodeSpec {
   offset?: number;
   /** 'raw' or 'qcow2'; undefined probes (qcow2 by its magic, else raw). */
   format?: ImageFormat;
-  /** Serve through a temporary in-memory overlay; the file is never changed (qemu-nbd -s). */
+  /** Serve through a temporary qcow2 overlay; the file is never changed (qemu-nbd -s). */
   snapshot?: boolean;
+  /** qcow2 auto-clear bits the caller keeps valid (see ImageOpenOptions.keepAutoclear). */
+  keepAutoclear?: bigint;
 }
 
 export interface MemoryNodeSpec extends CommonNodeSpec {
@@ -71,6 +73,7 @@ export async function openBlockNode(spec: BlockNodeSpec): Promise<CheckedNode> {
           offset: spec.offset ?? 0,
           direct: usesDirectIo(spec.cache),
           discard,
+          keepAutoclear: spec.keepAutoclear,
         });
   return new CheckedNode(inner, {
     readOnly: spec.readOnly ?? false,

@@ -81,6 +81,19 @@ export interface Qcow2Header {
   featureNames: Map<string, string>;
   /** Where header extensions end (first byte after the end marker or the last extension). */
   extensionsEnd: number;
+  /** The types of the header extensions present, in order. */
+  extensionTypes: number[];
+}
+
+/**
+ * Metadata that cannot be right, found while serving (misaligned offsets,
+ * a data cluster inside metadata, a refcount below zero). A writable node
+ * marks the image corrupt on disk when it sees one, as qemu does.
+ */
+export class CorruptImageError extends BlockError {
+  constructor(path: string, what: string) {
+    super('EIO', `${path}: ${what} (corrupt image)`);
+  }
 }
 
 /** A one-line refusal to open an image (errno-style code, readable message). */
@@ -155,6 +168,7 @@ export function parseHeader(cluster0: Buffer): Qcow2Header {
   const featureNames = new Map<string, string>();
   let backingFormat: string | null = null;
   let extensionsEnd = headerLength;
+  const extensionTypes: number[] = [];
   let at = headerLength;
   const limit = Math.min(clusterSize, cluster0.length);
   while (at + 8 <= limit) {
@@ -167,6 +181,7 @@ export function parseHeader(cluster0: Buffer): Qcow2Header {
     const data = at + 8;
     if (data + len > limit) throw corrupt('header extension runs past the first cluster');
     const body = cluster0.subarray(data, data + len);
+    extensionTypes.push(type);
     if (type === EXT_BACKING_FORMAT) {
       backingFormat = body.toString('latin1');
     } else if (type === EXT_FEATURE_TABLE) {
@@ -230,6 +245,7 @@ export function parseHeader(cluster0: Buffer): Qcow2Header {
     backingFormat,
     featureNames,
     extensionsEnd,
+    extensionTypes,
   };
 }
 
@@ -342,4 +358,36 @@ export function setRefcount(block: Buffer, index: number, order: number, value: 
     default:
       block.writeBigUInt64BE(BigInt(value), index * 8);
   }
+}
+
+// --- new images ---
+
+/**
+ * A new, empty version 3 image of `size` bytes without a backing file name
+ * (its caller passes the backing node itself): clusters 0 header, 1
+ * refcount table, 2 refcount block (16-bit refcounts), then the L1 table.
+ * Everything the image needs later (L2 tables, more refcount blocks, a
+ * bigger refcount table) the writer allocates.
+ */
+export function emptyImage(size: number, clusterBits = 16): Buffer {
+  const cs = 2 ** clusterBits;
+  const l1Size = Math.ceil(size / ((cs / 8) * cs));
+  if (l1Size * 8 > MAX_L1_BYTES) throw unsupported(`an image of ${size} bytes needs an L1 table larger than ${MAX_L1_BYTES} bytes`);
+  const l1Clusters = Math.max(1, Math.ceil((l1Size * 8) / cs));
+  const used = 3 + l1Clusters; // one refcount block covers cs / 2 clusters: always enough here
+  const img = Buffer.alloc(used * cs);
+  QCOW2_MAGIC_BYTES.copy(img, 0);
+  img.writeUInt32BE(3, 4);
+  img.writeUInt32BE(clusterBits, 20);
+  img.writeBigUInt64BE(BigInt(size), 24);
+  img.writeUInt32BE(l1Size, 36);
+  img.writeBigUInt64BE(BigInt(3 * cs), 40);
+  img.writeBigUInt64BE(BigInt(cs), HDR_REFCOUNT_TABLE_OFFSET);
+  img.writeUInt32BE(1, 56);
+  img.writeUInt32BE(4, 96);
+  img.writeUInt32BE(104, 100);
+  // (the header extensions end at once: bytes 104..111 are zero)
+  img.writeBigUInt64BE(BigInt(2 * cs), cs);
+  for (let c = 0; c < used; c++) setRefcount(img.subarray(2 * cs, 3 * cs), c, 4, 1);
+  return img;
 }

@@ -1,16 +1,16 @@
 // Opening an image file by format: raw, qcow2, or probed (qcow2 by its
 // magic, raw otherwise, as qemu does), with its backing chain (qcow2 or raw
 // backing files, named relative to the image's folder, any depth), and
-// optionally a temporary in-memory overlay (qemu-nbd -s). What is not
+// optionally a temporary qcow2 overlay (qemu-nbd -s, see qcow2-temp.ts). What is not
 // implemented is refused with one readable line.
 import fs from 'node:fs';
 import path from 'node:path';
 import { toBlockError } from './errno.ts';
 import { FileNode } from './file.ts';
-import { OverlayNode } from './overlay.ts';
 import { Qcow2Node } from './qcow2.ts';
 import { Qcow2WritableNode } from './qcow2-write.ts';
-import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, isQcow2, parseHeader, unsupported, type Qcow2Header } from './qcow2-format.ts';
+import { openTemporaryOverlay, temporaryDirectory } from './qcow2-temp.ts';
+import { INCOMPAT_CORRUPT, isQcow2, parseHeader, unsupported, type Qcow2Header } from './qcow2-format.ts';
 import { RangeLock } from './range-lock.ts';
 import type { BlockCapabilities, BlockNode, DiscardMode, Extent, WriteOptions, ZeroOptions } from './types.ts';
 import { BlockError } from './types.ts';
@@ -30,8 +30,14 @@ export interface ImageOpenOptions {
   offset?: number;
   direct?: boolean;
   discard?: DiscardMode;
-  /** Serve through a temporary in-memory overlay; the file is opened read-only and never changed. */
+  /** Serve through a temporary qcow2 overlay; the file is opened read-only and never changed. */
   snapshot?: boolean;
+  /**
+   * qcow2 auto-clear feature bits the caller keeps valid itself (the
+   * bitmaps bit, while src/meta keeps the bitmaps up to date): a writable
+   * top image leaves them set instead of clearing them at its first write.
+   */
+  keepAutoclear?: bigint;
 }
 
 /** Open an image file as a BlockNode (not yet wrapped in a CheckedNode). */
@@ -45,8 +51,16 @@ export async function openImage(opts: ImageOpenOptions): Promise<BlockNode> {
     discard: snapshot ? 'ignore' : (opts.discard ?? 'ignore'),
     seen: new Set(),
     depth: 0,
+    keepAutoclear: opts.keepAutoclear ?? 0n,
   });
-  return snapshot ? new OverlayNode(node) : node;
+  if (!snapshot) return node;
+  try {
+    return await openTemporaryOverlay(node);
+  } catch (err) {
+    await node.close().catch(() => {});
+    const e = toBlockError(err);
+    throw new BlockError(e.code, `cannot make the temporary overlay for -s in ${temporaryDirectory()}: ${e.message}`);
+  }
 }
 
 interface LayerOptions {
@@ -58,6 +72,8 @@ interface LayerOptions {
   /** Real paths of the layers above, to refuse loops. */
   seen: Set<string>;
   depth: number;
+  /** Only for the top image (see ImageOpenOptions). */
+  keepAutoclear?: bigint;
 }
 
 async function openLayer(file: string, o: LayerOptions): Promise<BlockNode> {
@@ -100,9 +116,6 @@ async function openQcow2(fnode: FileNode, file: string, o: LayerOptions): Promis
     if (header.incompatible & INCOMPAT_CORRUPT) {
       throw unsupported("qcow2 image is marked corrupt; repair it with 'qemu-img check -r all' or serve it read-only (-r)");
     }
-    if (header.incompatible & INCOMPAT_DIRTY) {
-      throw unsupported("qcow2 image was not closed cleanly (dirty, lazy refcounts); repair it with 'qemu-img check -r all' or serve it read-only (-r)");
-    }
     if (header.nbSnapshots > 0) throw unsupported('writing qcow2 images with internal snapshots is not supported; serve it read-only (-r) or with -s');
   }
   const l1 = Buffer.alloc(header.l1Size * 8);
@@ -113,6 +126,8 @@ async function openQcow2(fnode: FileNode, file: string, o: LayerOptions): Promis
   try {
     const init = { file: fnode, header, l1, backing, writable: !o.readOnly, discard: o.discard, path: file };
     if (o.readOnly) return new Qcow2Node(init);
+    // The writer clears the auto-clear bits it sees; hide the ones the caller keeps.
+    if (o.keepAutoclear !== undefined && o.keepAutoclear !== 0n) header.autoclear &= ~o.keepAutoclear;
     return await Qcow2WritableNode.open(init);
   } catch (err) {
     await backing?.close().catch(() => {});

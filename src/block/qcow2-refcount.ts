@@ -9,7 +9,7 @@
 // qcow2-write.ts). Every call runs under the node's allocation mutex or
 // under its exclusive sync, so there is one caller at a time.
 import { TableCache } from './qcow2-cache.ts';
-import { getRefcount, maxRefcount, MAX_REFTABLE_BYTES, offsetOf, setRefcount } from './qcow2-format.ts';
+import { CorruptImageError, getRefcount, maxRefcount, MAX_REFTABLE_BYTES, offsetOf, setRefcount } from './qcow2-format.ts';
 import type { BlockNode } from './types.ts';
 import { BlockError } from './types.ts';
 
@@ -108,7 +108,7 @@ export class Refcounts {
   #blockOffset(b: number): number {
     if (b >= this.#entries()) return 0;
     const off = offsetOf(this.#table.readUInt32BE(b * 8), this.#table.readUInt32BE(b * 8 + 4));
-    if (off % this.#cs !== 0) throw new BlockError('EIO', `${this.#path}: refcount block offset ${off} is not aligned (corrupt image)`);
+    if (off % this.#cs !== 0) throw new CorruptImageError(this.#path, `refcount block offset ${off} is not aligned`);
     return off;
   }
 
@@ -233,6 +233,29 @@ export class Refcounts {
     for (let c = first; c <= last; c++) this.#pendingFrees.set(c, (this.#pendingFrees.get(c) ?? 0) + 1);
   }
 
+  // --- repair (a dirty image; see qcow2-repair.ts) ---
+
+  /** Host offsets of the refcount blocks the table names. */
+  blockOffsets(): number[] {
+    const out: number[] = [];
+    for (let b = 0; b < this.#entries(); b++) {
+      const off = offsetOf(this.#table.readUInt32BE(b * 8), this.#table.readUInt32BE(b * 8 + 4));
+      if (off !== 0) out.push(off);
+    }
+    return out;
+  }
+
+  /** Allocate nothing below cluster `c` from now on (space the repair has not counted yet). */
+  allocateFrom(c: number): void {
+    this.#hint = Math.max(this.#hint, c);
+    this.#highWater = Math.max(this.#highWater, c);
+  }
+
+  /** Set the refcount of cluster c to exactly `value` (in memory, written at the next sync). */
+  async setExact(c: number, value: number): Promise<void> {
+    await this.#set(c, value);
+  }
+
   // --- the sync steps, in the order the node runs them ---
 
   /** Write dirty refcount blocks (increments only: decrements happen in applyFrees). True if any. */
@@ -282,7 +305,7 @@ export class Refcounts {
     this.#pendingFrees.clear();
     for (const [c, n] of frees) {
       const now = await this.get(c);
-      if (now < n) throw new BlockError('EIO', `${this.#path}: refcount of cluster ${c} would drop below zero (corrupt image)`);
+      if (now < n) throw new CorruptImageError(this.#path, `refcount of cluster ${c} would drop below zero`);
       await this.#set(c, now - n);
       if (now === n) {
         freed.push(c * this.#cs);

@@ -26,8 +26,9 @@
 // data is written, and a freed cluster waits for reads already under way.
 import { toBlockError } from './errno.ts';
 import { Qcow2Node, type Qcow2NodeInit, type Segment } from './qcow2.ts';
-import { COMPAT_LAZY_REFCOUNTS, compressedSpan, decodeL2, encodeStandard, HDR_AUTOCLEAR, HDR_INCOMPATIBLE, HDR_REFCOUNT_TABLE_OFFSET, INCOMPAT_DIRTY, OFLAG_COPIED_HI, type L2Entry } from './qcow2-format.ts';
+import { COMPAT_LAZY_REFCOUNTS, compressedSpan, CorruptImageError, EXT_BITMAPS, unsupported, decodeL2, encodeStandard, HDR_AUTOCLEAR, HDR_INCOMPATIBLE, HDR_REFCOUNT_TABLE_OFFSET, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFLAG_COPIED_HI, type L2Entry } from './qcow2-format.ts';
 import { Refcounts } from './qcow2-refcount.ts';
+import { countReferences } from './qcow2-repair.ts';
 import { RangeLock } from './range-lock.ts';
 import type { WriteOptions, ZeroOptions } from './types.ts';
 import { BlockError } from './types.ts';
@@ -123,17 +124,52 @@ export class Qcow2WritableNode extends Qcow2Node {
     });
   }
 
-  /** Open for writing (the caller checked the header: not dirty, not corrupt, no snapshots). */
+  /** Open for writing (the caller checked the header: not corrupt, no snapshots). A dirty image is repaired first. */
   static async open(init: Qcow2NodeInit): Promise<Qcow2WritableNode> {
     const h = init.header;
     const table = Buffer.alloc(h.refcountTableClusters * h.clusterSize);
     await init.file.read(h.refcountTableOffset, table.length, table);
-    return new Qcow2WritableNode(init, table);
+    const node = new Qcow2WritableNode(init, table);
+    if ((h.incompatible & INCOMPAT_DIRTY) !== 0n) await node.#repair();
+    return node;
+  }
+
+  /**
+   * An image left dirty (lazy refcounts: its writer stopped before it
+   * brought the refcounts up to date) gets its refcounts recounted from
+   * its metadata, as qemu repairs one it opens read/write: a referenced
+   * cluster gets as many as it has references, an unreferenced one
+   * (leaked) none. New refcount blocks go past everything counted. The
+   * ordered sync writes them; only then is the dirty bit cleared, so a
+   * crash meanwhile leaves an image that is still dirty and repaired again.
+   */
+  async #repair(): Promise<void> {
+    const h = this.header;
+    if (h.extensionTypes.includes(EXT_BITMAPS)) {
+      throw unsupported("qcow2 image was not closed cleanly (dirty) and has persistent bitmaps; repair it with 'qemu-img check -r all' or serve it read-only (-r)");
+    }
+    const refs = await countReferences({
+      header: h,
+      l1: this.l1,
+      refcountBlocks: this.#refcounts.blockOffsets(),
+      readTable: (offset) => this.l2Cache.get(offset),
+      path: this.path,
+    });
+    let end = Math.ceil(this.file.size / this.clusterSize);
+    for (const c of refs.keys()) end = Math.max(end, c + 1);
+    this.#refcounts.allocateFrom(end);
+    for (let c = 0; c < end; c++) {
+      const want = refs.get(c) ?? 0;
+      if ((await this.#refcounts.get(c)) !== want) await this.#refcounts.setExact(c, want);
+    }
+    await this.#meta.exclusive(() => this.#sync());
+    await this.#writeIncompatible(h.incompatible & ~INCOMPAT_DIRTY);
+    await this.file.flush();
   }
 
   #usable(): void {
     this.checkOpen();
-    if (this.#failed !== null) throw new BlockError('EIO', `${this.path}: writing metadata failed earlier (${this.#failed.message}); the image is read-only now`);
+    if (this.#failed !== null) throw new BlockError('EIO', `${this.path}: no more writes after an earlier failure (${this.#failed.message}); the image is read-only now`);
   }
 
   override async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
@@ -156,7 +192,10 @@ export class Qcow2WritableNode extends Qcow2Node {
       const h = this.header;
       let changed = false;
       if (h.version === 3 && h.autoclear !== 0n) {
-        await this.file.write(HDR_AUTOCLEAR, Buffer.alloc(8));
+        // Clear the bits in h.autoclear only: the opener may have left out bits someone else keeps valid.
+        const b = await this.file.read(HDR_AUTOCLEAR, 8);
+        b.writeBigUInt64BE(b.readBigUInt64BE(0) & ~h.autoclear);
+        await this.file.write(HDR_AUTOCLEAR, b);
         h.autoclear = 0n;
         changed = true;
       }
@@ -194,7 +233,37 @@ export class Qcow2WritableNode extends Qcow2Node {
       await this.#clusterLocks.with(a, b, () => this.#meta.shared(fn));
       if (fua || this.l2Cache.dirtyCount + this.#refcounts.dirtyBlocks > DIRTY_TABLES_LIMIT) await this.flush();
     } catch (err) {
+      if (err instanceof CorruptImageError) await this.#markCorrupt(err);
       throw toBlockError(err);
+    }
+  }
+
+  /**
+   * Metadata is wrong: stop writing (nothing more may make it worse) and
+   * set the corrupt bit in the header, as qemu does, so that no writer
+   * opens the image again before 'qemu-img check -r all' repaired it.
+   */
+  async #markCorrupt(err: CorruptImageError): Promise<void> {
+    if (this.#failed !== null) return;
+    this.#failed = err;
+    try {
+      await this.#writeIncompatible(this.header.incompatible | INCOMPAT_CORRUPT);
+      await this.file.flush();
+    } catch {
+      // the image stays unwritable in this process either way
+    }
+  }
+
+  /** A data cluster or an L2 table must not lie in the header, the L1 table or the refcount table (qemu's overlap check). */
+  #checkNotMetadata(host: number, length: number, what: string): void {
+    const h = this.header;
+    const overlaps = (start: number, len: number): boolean => len > 0 && host < start + len && start < host + length;
+    if (
+      overlaps(0, this.clusterSize) ||
+      overlaps(h.l1TableOffset, h.l1Size * 8) ||
+      overlaps(this.#refcounts.tableOffset, this.#refcounts.tableClusters * this.clusterSize)
+    ) {
+      throw new CorruptImageError(this.path, `${what} at ${host} overlaps the image's metadata`);
     }
   }
 
@@ -215,10 +284,14 @@ export class Qcow2WritableNode extends Qcow2Node {
   async #ensureL2(i: number): Promise<number> {
     // The common case needs no allocation, so no mutex.
     const present = this.l2Offset(i);
-    if (present !== 0 && (this.l1.readUInt32BE(i * 8) & OFLAG_COPIED_HI) !== 0) return present;
+    if (present !== 0 && (this.l1.readUInt32BE(i * 8) & OFLAG_COPIED_HI) !== 0) {
+      this.#checkNotMetadata(present, this.clusterSize, 'L2 table');
+      return present;
+    }
     return this.#alloc.run(async () => {
       const off = this.l2Offset(i);
       if (off !== 0) {
+        this.#checkNotMetadata(off, this.clusterSize, 'L2 table');
         if ((this.l1.readUInt32BE(i * 8) & OFLAG_COPIED_HI) === 0) {
           // Without snapshots this is just a missing flag; a shared table would need copying.
           if ((await this.#refcounts.get(off / this.clusterSize)) !== 1) {
@@ -283,7 +356,11 @@ export class Qcow2WritableNode extends Qcow2Node {
     const l2 = await this.#ensureL2(Math.floor(pos / this.l2Span));
     const table = await this.l2Cache.get(l2);
     const entries: L2Entry[] = [];
-    for (let c = first; c <= last; c++) entries.push(decodeL2(table, c % this.l2Entries, this.clusterBits));
+    for (let c = first; c <= last; c++) {
+      const e = decodeL2(table, c % this.l2Entries, this.clusterBits);
+      if (e.kind === 'normal' && e.host % cs !== 0) throw new CorruptImageError(this.path, `cluster offset ${e.host} is not aligned`);
+      entries.push(e);
+    }
     const inPlace = (e: L2Entry): boolean => e.kind === 'normal' && e.copied;
 
     let i = 0;
@@ -294,6 +371,7 @@ export class Qcow2WritableNode extends Qcow2Node {
         while (j < entries.length && inPlace(entries[j]!) && entries[j]!.host === e.host + (j - i) * cs) j++;
         const from = Math.max(pos, (first + i) * cs);
         const to = Math.min(end, (first + j) * cs);
+        this.#checkNotMetadata(e.host, (j - i) * cs, 'data cluster');
         await this.file.write(e.host + (from - (first + i) * cs), data.subarray(from - pos, to - pos));
       } else {
         while (j < entries.length && !inPlace(entries[j]!)) j++;
@@ -531,7 +609,8 @@ export class Qcow2WritableNode extends Qcow2Node {
         if (this.#punch) for (const at of freed) await file.trim(at, this.clusterSize).catch(() => {});
       }
     } catch (err) {
-      this.#failed = toBlockError(err);
+      if (err instanceof CorruptImageError) await this.#markCorrupt(err);
+      this.#failed ??= toBlockError(err);
       throw this.#failed;
     }
   }

@@ -16,7 +16,7 @@ import { DepthCollector, depthsOf } from './depth.ts';
 import { toBlockError } from './errno.ts';
 import { DATA, ExtentCollector, HOLE, type ExtentFlags } from './extents.ts';
 import { TableCache } from './qcow2-cache.ts';
-import { decodeL2, getRefcount, offsetOf, type ClusterKind, type L2Entry, type Qcow2Header } from './qcow2-format.ts';
+import { CorruptImageError, decodeL2, getRefcount, offsetOf, type ClusterKind, type L2Entry, type Qcow2Header } from './qcow2-format.ts';
 import type { BlockCapabilities, BlockNode, DepthRun, DiscardMode, Extent, WriteOptions, ZeroOptions } from './types.ts';
 import { BlockError } from './types.ts';
 
@@ -118,7 +118,7 @@ export class Qcow2Node implements BlockNode {
   protected l2Offset(i: number): number {
     if (i >= this.header.l1Size) return 0;
     const offset = offsetOf(this.l1.readUInt32BE(i * 8), this.l1.readUInt32BE(i * 8 + 4));
-    if (offset % this.clusterSize !== 0) throw eio(`${this.path}: L2 table offset ${offset} is not cluster aligned (corrupt image)`);
+    if (offset % this.clusterSize !== 0) throw new CorruptImageError(this.path, `L2 table offset ${offset} is not cluster aligned`);
     return offset;
   }
 
@@ -145,7 +145,7 @@ export class Qcow2Node implements BlockNode {
       if (e.kind === 'compressed') {
         segs.push({ offset: pos, length: n, kind: 'compressed', host: 0, entry: e });
       } else if (e.kind === 'normal') {
-        if (e.host % cs !== 0) throw eio(`${this.path}: cluster offset ${e.host} is not aligned (corrupt image)`);
+        if (e.host % cs !== 0) throw new CorruptImageError(this.path, `cluster offset ${e.host} is not aligned`);
         const host = e.host + inCluster;
         if (last !== undefined && last.kind === 'normal' && last.host + last.length === host) last.length += n;
         else segs.push({ offset: pos, length: n, kind: 'normal', host });
