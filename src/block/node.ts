@@ -74,6 +74,63 @@ export function zeroRuns(buf: Buffer, offset: number, granule = 4096): ZeroRun[]
   return runs;
 }
 
+/**
+ * A node that hands every call to `inner`: the base of wrappers that change
+ * one or two operations (dirty tracking, a probed image's header guard, a
+ * temporary file's flushes) and pass the rest through untouched.
+ */
+export class ForwardingNode implements BlockNode {
+  readonly inner: BlockNode;
+
+  constructor(inner: BlockNode) {
+    this.inner = inner;
+  }
+
+  get size(): number {
+    return this.inner.size;
+  }
+
+  get capabilities(): BlockCapabilities {
+    return this.inner.capabilities;
+  }
+
+  read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    return this.inner.read(offset, length, into);
+  }
+
+  write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
+    return this.inner.write(offset, data, opts);
+  }
+
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+
+  trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
+    return this.inner.trim(offset, length, opts);
+  }
+
+  writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+    return this.inner.writeZeroes(offset, length, opts);
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return this.inner.cache(offset, length);
+  }
+
+  extents(offset: number, length: number, maxExtents?: number): Promise<Extent[]> {
+    return this.inner.extents(offset, length, maxExtents);
+  }
+
+  allocationDepth(offset: number, length: number, maxRuns?: number): Promise<DepthRun[]> {
+    return depthsOf(this.inner, offset, length, maxRuns);
+  }
+
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+
 export class CheckedNode implements BlockNode {
   readonly size: number;
   readonly capabilities: BlockCapabilities;

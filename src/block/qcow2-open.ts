@@ -11,8 +11,9 @@ import { Qcow2Node } from './qcow2.ts';
 import { Qcow2WritableNode } from './qcow2-write.ts';
 import { openTemporaryOverlay, temporaryDirectory } from './qcow2-temp.ts';
 import { INCOMPAT_CORRUPT, isQcow2, parseHeader, unsupported, type Qcow2Header } from './qcow2-format.ts';
+import { ForwardingNode } from './node.ts';
 import { RangeLock } from './range-lock.ts';
-import type { BlockCapabilities, BlockNode, DiscardMode, Extent, WriteOptions, ZeroOptions } from './types.ts';
+import type { BlockNode, DiscardMode, WriteOptions, ZeroOptions } from './types.ts';
 import { BlockError } from './types.ts';
 
 export type ImageFormat = 'raw' | 'qcow2';
@@ -167,59 +168,22 @@ async function openBacking(file: string, header: Qcow2Header, o: LayerOptions): 
  * look like a qcow2 image (whose backing file the writer would choose when
  * it is next probed), as qemu restricts writes to block 0 of probed images.
  */
-export class ProbedRawNode implements BlockNode {
-  readonly #inner: BlockNode;
+export class ProbedRawNode extends ForwardingNode {
   readonly #lock = new RangeLock();
 
-  constructor(inner: BlockNode) {
-    this.#inner = inner;
-  }
-
-  get size(): number {
-    return this.#inner.size;
-  }
-
-  get capabilities(): BlockCapabilities {
-    return this.#inner.capabilities;
-  }
-
-  read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
-    return this.#inner.read(offset, length, into);
-  }
-
-  async write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
-    if (offset >= 4) return this.#inner.write(offset, data, opts);
+  override async write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
+    if (offset >= 4) return this.inner.write(offset, data, opts);
     await this.#lock.with(0, 4, async () => {
       const head = Buffer.alloc(4);
-      await this.#inner.read(0, Math.min(4, this.size), head);
+      await this.inner.read(0, Math.min(4, this.size), head);
       data.copy(head, offset, 0, Math.min(data.length, 4 - offset));
       if (isQcow2(head)) throw new BlockError('EPERM', 'writing a qcow2 header to a probed raw image is refused (name the format with -f raw)');
-      await this.#inner.write(offset, data, opts);
+      await this.inner.write(offset, data, opts);
     });
   }
 
-  flush(): Promise<void> {
-    return this.#inner.flush();
-  }
-
-  trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
-    return this.#inner.trim(offset, length, opts);
-  }
-
-  async writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
-    if (offset >= 4) return this.#inner.writeZeroes(offset, length, opts);
-    await this.#lock.with(0, 4, () => this.#inner.writeZeroes(offset, length, opts));
-  }
-
-  cache(offset: number, length: number): Promise<void> {
-    return this.#inner.cache(offset, length);
-  }
-
-  extents(offset: number, length: number, maxExtents?: number): Promise<Extent[]> {
-    return this.#inner.extents(offset, length, maxExtents);
-  }
-
-  close(): Promise<void> {
-    return this.#inner.close();
+  override async writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+    if (offset >= 4) return this.inner.writeZeroes(offset, length, opts);
+    await this.#lock.with(0, 4, () => this.inner.writeZeroes(offset, length, opts));
   }
 }

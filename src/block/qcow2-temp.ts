@@ -8,9 +8,10 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { FileNode } from './file.ts';
+import { ForwardingNode } from './node.ts';
 import { emptyImage, parseHeader } from './qcow2-format.ts';
 import { Qcow2WritableNode } from './qcow2-write.ts';
-import type { BlockCapabilities, BlockNode, Extent, WriteOptions, ZeroOptions } from './types.ts';
+import type { BlockNode, WriteOptions, ZeroOptions } from './types.ts';
 
 /** Cluster size of the overlay (qemu's default, so maps and depths look like qemu-nbd's). */
 const OVERLAY_CLUSTER_BITS = 16;
@@ -22,49 +23,19 @@ export function temporaryDirectory(): string {
 }
 
 /** A file whose flushes do nothing (its contents die with the process). */
-class VolatileFile implements BlockNode {
-  readonly #inner: BlockNode;
-
-  constructor(inner: BlockNode) {
-    this.#inner = inner;
+class VolatileFile extends ForwardingNode {
+  override write(offset: number, data: Buffer, _opts?: WriteOptions): Promise<void> {
+    return this.inner.write(offset, data);
   }
 
-  get size(): number {
-    return this.#inner.size;
+  override async flush(): Promise<void> {}
+
+  override trim(offset: number, length: number, _opts?: WriteOptions): Promise<void> {
+    return this.inner.trim(offset, length);
   }
 
-  get capabilities(): BlockCapabilities {
-    return this.#inner.capabilities;
-  }
-
-  read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
-    return this.#inner.read(offset, length, into);
-  }
-
-  write(offset: number, data: Buffer, _opts?: WriteOptions): Promise<void> {
-    return this.#inner.write(offset, data);
-  }
-
-  async flush(): Promise<void> {}
-
-  trim(offset: number, length: number, _opts?: WriteOptions): Promise<void> {
-    return this.#inner.trim(offset, length);
-  }
-
-  writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
-    return this.#inner.writeZeroes(offset, length, { ...opts, fua: false });
-  }
-
-  cache(offset: number, length: number): Promise<void> {
-    return this.#inner.cache(offset, length);
-  }
-
-  extents(offset: number, length: number, maxExtents?: number): Promise<Extent[]> {
-    return this.#inner.extents(offset, length, maxExtents);
-  }
-
-  close(): Promise<void> {
-    return this.#inner.close();
+  override writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+    return this.inner.writeZeroes(offset, length, { ...opts, fua: false });
   }
 }
 

@@ -9,8 +9,8 @@
 // used, only removed; an enabled bitmap cannot be offered by a read-only
 // export of a writable node (it would change under the reader); a bitmap
 // that is not found refuses the export.
-import { depthsOf } from '../block/depth.ts';
-import type { BlockCapabilities, BlockNode, DepthRun, Extent, WriteOptions, ZeroOptions } from '../block/types.ts';
+import { ForwardingNode } from '../block/node.ts';
+import type { BlockNode, WriteOptions, ZeroOptions } from '../block/types.ts';
 import { BlockError } from '../block/types.ts';
 import type { BitmapStore } from './bitmap-store.ts';
 import { DirtyBitmapContext } from './dirty-bitmap-context.ts';
@@ -239,71 +239,38 @@ export class NodeBitmaps {
  * (--discard=unmap); a fast zero the node cannot do changes nothing.
  * Closing the node stores the bitmaps after the node's own data is safe.
  */
-export class DirtyTrackingNode implements BlockNode {
-  readonly #inner: BlockNode;
+export class DirtyTrackingNode extends ForwardingNode {
   readonly bitmaps: NodeBitmaps;
 
   constructor(inner: BlockNode, bitmaps: NodeBitmaps) {
-    this.#inner = inner;
+    super(inner);
     this.bitmaps = bitmaps;
-  }
-
-  get inner(): BlockNode {
-    return this.#inner;
-  }
-
-  get size(): number {
-    return this.#inner.size;
-  }
-
-  get capabilities(): BlockCapabilities {
-    return this.#inner.capabilities;
   }
 
   /** Mark only ranges the node accepts, so a refused request (past the end, read-only) marks nothing. */
   #mark(offset: number, length: number): void {
-    if (!this.#inner.capabilities.writable || offset < 0 || length <= 0 || offset + length > this.size) return;
+    if (!this.inner.capabilities.writable || offset < 0 || length <= 0 || offset + length > this.size) return;
     this.bitmaps.mark(offset, length);
   }
 
-  read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
-    return this.#inner.read(offset, length, into);
-  }
-
-  write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
+  override write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
     this.#mark(offset, data.length);
-    return this.#inner.write(offset, data, opts);
+    return this.inner.write(offset, data, opts);
   }
 
-  writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
-    if (!(opts?.fast === true && !this.#inner.capabilities.canFastZero)) this.#mark(offset, length);
-    return this.#inner.writeZeroes(offset, length, opts);
+  override writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+    if (!(opts?.fast === true && !this.inner.capabilities.canFastZero)) this.#mark(offset, length);
+    return this.inner.writeZeroes(offset, length, opts);
   }
 
-  trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
-    if (this.#inner.capabilities.canTrim) this.#mark(offset, length);
-    return this.#inner.trim(offset, length, opts);
-  }
-
-  flush(): Promise<void> {
-    return this.#inner.flush();
-  }
-
-  cache(offset: number, length: number): Promise<void> {
-    return this.#inner.cache(offset, length);
-  }
-
-  extents(offset: number, length: number, maxExtents?: number): Promise<Extent[]> {
-    return this.#inner.extents(offset, length, maxExtents);
-  }
-
-  allocationDepth(offset: number, length: number, maxRuns?: number): Promise<DepthRun[]> {
-    return depthsOf(this.#inner, offset, length, maxRuns);
+  override trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
+    if (this.inner.capabilities.canTrim) this.#mark(offset, length);
+    return this.inner.trim(offset, length, opts);
   }
 
   /** Close the node (its data durable), then store the bitmaps. */
-  async close(): Promise<void> {
-    await this.#inner.close();
+  override async close(): Promise<void> {
+    await this.inner.close();
     await this.bitmaps.close();
   }
 }
