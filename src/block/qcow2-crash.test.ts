@@ -14,10 +14,11 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import fc from 'fast-check';
 import { FileNode } from './file.ts';
+import { ForwardingNode } from './node.ts';
 import { openImage, readQcow2Header } from './qcow2-open.ts';
 import { Qcow2WritableNode } from './qcow2-write.ts';
 import { createQcow2, HAVE_QEMU, pattern, qemuCheck, qemuIo, qemuRaw, SKIP_NO_QEMU, tmp } from './qcow2-testlib.ts';
-import type { BlockCapabilities, BlockNode, Extent, WriteOptions, ZeroOptions } from './types.ts';
+import type { BlockNode, WriteOptions, ZeroOptions } from './types.ts';
 import { BlockError } from './types.ts';
 
 const t = { timeout: 600_000, skip: SKIP_NO_QEMU };
@@ -35,29 +36,12 @@ interface LoggedWrite {
  * The image file, logging every change. A flush records which changes had
  * completed when it was called: those are durable once it returns.
  */
-class RecordingFile implements BlockNode {
-  readonly inner: BlockNode;
+class RecordingFile extends ForwardingNode {
   readonly writes: LoggedWrite[] = [];
   /** Per write (by index): completed. */
   readonly #done: boolean[] = [];
   /** Durable prefix information: after log position `at`, every write in `covers` is durable. */
   readonly flushes: { at: number; covers: number[] }[] = [];
-
-  constructor(inner: BlockNode) {
-    this.inner = inner;
-  }
-
-  get size(): number {
-    return this.inner.size;
-  }
-
-  get capabilities(): BlockCapabilities {
-    return this.inner.capabilities;
-  }
-
-  read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
-    return this.inner.read(offset, length, into);
-  }
 
   /** Log a change (its bytes as the file holds them afterwards) once it is issued. */
   async #logged(offset: number, length: number, run: () => Promise<void>, after: () => Promise<Buffer> | Buffer): Promise<void> {
@@ -70,21 +54,21 @@ class RecordingFile implements BlockNode {
     this.#done[i] = true;
   }
 
-  async write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
+  override async write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
     await this.#logged(offset, data.length, () => this.inner.write(offset, data, opts), () => data);
     if (opts?.fua === true) this.#recordFlush();
   }
 
-  async trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
+  override async trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
     // A punched range reads back as zeroes, a partial block may stay: log what the file shows.
     await this.#logged(offset, length, () => this.inner.trim(offset, length, opts), () => this.inner.read(offset, length));
   }
 
-  async writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+  override async writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
     await this.#logged(offset, length, () => this.inner.writeZeroes(offset, length, opts), () => Buffer.alloc(length));
   }
 
-  async flush(): Promise<void> {
+  override async flush(): Promise<void> {
     const covers: number[] = [];
     for (let i = 0; i < this.#done.length; i++) if (this.#done[i]) covers.push(i);
     await this.inner.flush();
@@ -95,17 +79,6 @@ class RecordingFile implements BlockNode {
     this.flushes.push({ at: this.writes.length, covers: [this.writes.length - 1] });
   }
 
-  cache(offset: number, length: number): Promise<void> {
-    return this.inner.cache(offset, length);
-  }
-
-  extents(offset: number, length: number, maxExtents?: number): Promise<Extent[]> {
-    return this.inner.extents(offset, length, maxExtents);
-  }
-
-  close(): Promise<void> {
-    return this.inner.close();
-  }
 }
 
 /** Open `file` writable with its file node wrapped in a recorder (as openImage would, minus probing). */
