@@ -8,6 +8,8 @@
 //   nbd:{NAME:G}:INDEX     string: the bytes of chunk INDEX (absolute), possibly
 //                          shorter than a chunk; what is missing reads as zeroes
 //   nbd:{NAME:G}:sync      counter bumped by FLUSH/FUA before WAIT (only with wait=/waitaof=)
+//   nbd:{NAME:G}:bm:ID     dirty bitmap bits, and nbd:{NAME}:marks (or a copy per
+//                          cluster slot) the enabled bitmaps: see redis-bitmaps.ts
 //
 // The hash tag {NAME:G} puts a group's chunks and its allocation bitmap in
 // one cluster slot, so every change to a chunk and its allocation bit is one
@@ -28,14 +30,17 @@
 // while Redis had it may still land later); the client reconnects by itself
 // and service resumes. Huge zeroing runs in steps, each bounded by the
 // timeout, so a dead Redis fails it in time but a slow one does not.
-import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import tls from 'node:tls';
 import { Cluster, Redis } from 'ioredis';
 import type { ClusterOptions, RedisOptions } from 'ioredis';
 import { errnoMessage } from './errno.ts';
 import { DATA, ExtentCollector, HOLE } from './extents.ts';
+import { bitsPrefix, RedisBitmaps } from './redis-bitmaps.ts';
+import { keySlot, runScript, script, type Arg, type Client } from './redis-lua.ts';
 import { checkChunkSize, describeTarget, type RedisTarget } from './redis-url.ts';
+
+export { keySlot };
 import type { BlockCapabilities, BlockNode, Extent, WriteOptions, ZeroOptions } from './types.ts';
 import { BlockError } from './types.ts';
 
@@ -69,18 +74,6 @@ export interface RedisNodeOptions {
   warn?: (message: string) => void;
 }
 
-type Client = Redis | Cluster;
-type Arg = string | Buffer | number;
-
-interface Script {
-  lua: string;
-  sha: string;
-}
-
-function script(lua: string): Script {
-  return { lua, sha: createHash('sha1').update(lua).digest('hex') };
-}
-
 /** Create the metadata unless it exists; answer [created, HGETALL]. */
 const META = script(`
 if ARGV[1] ~= '' and redis.call('EXISTS', KEYS[1]) == 0 then
@@ -90,26 +83,61 @@ end
 return {0, redis.call('HGETALL', KEYS[1])}
 `);
 
-/** KEYS[1] bitmap, KEYS[2..] chunks; ARGV per chunk: bit, offset in chunk, bytes. */
-const WRITE = script(`
-for i = 2, #KEYS do
-  local j = (i - 2) * 3
-  redis.call('SETRANGE', KEYS[i], ARGV[j + 2], ARGV[j + 3])
-  redis.call('SETBIT', KEYS[1], ARGV[j + 1], 1)
+/**
+ * Dirty-bitmap marking, shared by every script that changes data: the
+ * group's marks hash (KEYS[2]: bitmap id -> granularity, the enabled
+ * bitmaps only) is read by the script itself, so enabling, disabling or a
+ * checkpoint by any process applies to the very next write of every
+ * process, and the bits are set in the same atomic step as the data (see
+ * redis-bitmaps.ts). ARGV[1] is the prefix of the group's bit keys
+ * (PREFIX..id), ARGV[2] the chunk size. Bit k of a group's key is the
+ * k-th granule of the group (Redis's bit order); a granularity divides
+ * the group's bytes, so no granule spans two groups.
+ */
+const MARK_LUA = `
+local marks = {}
+do
+  local flat = redis.call('HGETALL', KEYS[2])
+  for i = 1, #flat, 2 do marks[#marks + 1] = {ARGV[1] .. flat[i], tonumber(flat[i + 1])} end
+end
+local function mark(lo, hi)
+  for _, m in ipairs(marks) do
+    local b, last = math.floor(lo / m[2]), math.floor((hi - 1) / m[2])
+    while b <= last and b % 8 ~= 0 do redis.call('SETBIT', m[1], b, 1); b = b + 1 end
+    local bytes = math.floor((last + 1 - b) / 8)
+    if bytes > 0 then
+      redis.call('SETRANGE', m[1], math.floor(b / 8), string.rep('\\255', bytes))
+      b = b + bytes * 8
+    end
+    while b <= last do redis.call('SETBIT', m[1], b, 1); b = b + 1 end
+  end
+end
+local cs = tonumber(ARGV[2])
+`;
+
+/** KEYS[1] allocation bitmap, KEYS[2] marks, KEYS[3..] chunks; ARGV[3..] per chunk: bit, offset in chunk, bytes. */
+const WRITE = script(`${MARK_LUA}
+for i = 3, #KEYS do
+  local j = (i - 3) * 3 + 2
+  local bit, at, data = tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]), ARGV[j + 3]
+  if #marks > 0 then mark(bit * cs + at, bit * cs + at + #data) end
+  redis.call('SETRANGE', KEYS[i], at, data)
+  redis.call('SETBIT', KEYS[1], bit, 1)
 end
 return 0
 `);
 
 /**
- * Zero part of chunks. KEYS[1] bitmap, KEYS[2..] chunks; ARGV[1] '1' keeps
- * the allocation; then per chunk: bit, offset in chunk, length. Without
- * keep, a chunk left all zeroes is dropped and its bit cleared.
+ * Zero part of chunks. KEYS as WRITE; ARGV[3] '1' keeps the allocation;
+ * then per chunk: bit, offset in chunk, length. Without keep, a chunk left
+ * all zeroes is dropped and its bit cleared.
  */
-const ZERO_PART = script(`
-local keep = ARGV[1] == '1'
-for i = 2, #KEYS do
-  local j = (i - 2) * 3 + 1
-  local key, bit, at, n = KEYS[i], ARGV[j + 1], tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
+const ZERO_PART = script(`${MARK_LUA}
+local keep = ARGV[3] == '1'
+for i = 3, #KEYS do
+  local j = (i - 3) * 3 + 3
+  local key, bit, at, n = KEYS[i], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
+  if #marks > 0 then mark(bit * cs + at, bit * cs + at + n) end
   local len = redis.call('STRLEN', key)
   if at < len then
     redis.call('SETRANGE', key, at, string.rep('\\0', math.min(n, len - at)))
@@ -124,17 +152,19 @@ return 0
 `);
 
 /**
- * Drop whole chunks. KEYS[1] bitmap, KEYS[2..] chunks; ARGV[1] '1' keeps
- * the allocation bits (the chunks then read as zeroes but stay allocated);
- * then one bit per chunk.
+ * Drop whole chunks. KEYS as WRITE (possibly no chunk: marking only);
+ * ARGV[3] '1' keeps the allocation bits (the chunks then read as zeroes
+ * but stay allocated); ARGV[4], ARGV[5] the bytes of the group zeroed
+ * (marked); then one bit per chunk.
  */
-const ZERO_WHOLE = script(`
-local keep = ARGV[1] == '1'
-for i = 2, #KEYS do
+const ZERO_WHOLE = script(`${MARK_LUA}
+local keep = ARGV[3] == '1'
+if #marks > 0 then mark(tonumber(ARGV[4]), tonumber(ARGV[5])) end
+for i = 3, #KEYS do
   redis.call('DEL', KEYS[i])
-  if not keep then redis.call('SETBIT', KEYS[1], ARGV[i], 0) end
+  if not keep then redis.call('SETBIT', KEYS[1], ARGV[i + 3], 0) end
 end
-if redis.call('BITCOUNT', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+if #KEYS > 2 and redis.call('BITCOUNT', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
 return 0
 `);
 
@@ -165,30 +195,6 @@ interface Piece {
   done: number;
 }
 
-// CRC16/XMODEM, Redis Cluster's key hash.
-const CRC_TABLE = (() => {
-  const t = new Uint16Array(256);
-  for (let i = 0; i < 256; i++) {
-    let c = i << 8;
-    for (let k = 0; k < 8; k++) c = c & 0x8000 ? ((c << 1) ^ 0x1021) & 0xffff : (c << 1) & 0xffff;
-    t[i] = c;
-  }
-  return t;
-})();
-
-/** The cluster slot of a key (hash tags honoured). */
-export function keySlot(key: string): number {
-  let s = key;
-  const open = key.indexOf('{');
-  if (open >= 0) {
-    const close = key.indexOf('}', open + 1);
-    if (close > open + 1) s = key.slice(open + 1, close);
-  }
-  let crc = 0;
-  for (const b of Buffer.from(s)) crc = ((crc << 8) & 0xffff) ^ CRC_TABLE[((crc >> 8) ^ b) & 0xff]!;
-  return crc & 16383;
-}
-
 /** A Redis failure as a BlockError: OOM is ENOSPC, everything else EIO. */
 function redisError(err: unknown, where?: string): BlockError {
   if (err instanceof BlockError) return err;
@@ -214,6 +220,8 @@ export class RedisNode implements BlockNode {
   readonly chunkSize: number;
   readonly groupChunks: number;
   readonly capabilities: BlockCapabilities;
+  /** The disk's dirty bitmaps, kept in Redis (redis-bitmaps.ts); every write marks the enabled ones. */
+  readonly bitmaps: RedisBitmaps;
   readonly #client: Client;
   readonly #target: RedisTarget;
   readonly #where: string;
@@ -230,6 +238,7 @@ export class RedisNode implements BlockNode {
     this.size = size;
     this.chunkSize = chunkSize;
     this.groupChunks = groupChunks;
+    this.bitmaps = new RedisBitmaps({ client, disk: target.disk, size, chunkSize, groupChunks, op: (fn) => this.#op(() => fn()) });
     this.capabilities = Object.freeze({
       writable: !readOnly,
       canFlush: true,
@@ -352,6 +361,16 @@ export class RedisNode implements BlockNode {
     return `nbd:{${this.#disk}:${group}}:alloc`;
   }
 
+  /** The marks hash a script of group `group` reads (see redis-bitmaps.ts). */
+  #marksKey(group: number): string {
+    return this.bitmaps.marksKey(group);
+  }
+
+  /** The prefix of group `group`'s dirty-bitmap bit keys (PREFIX + bitmap id). */
+  #bitsPrefix(group: number): string {
+    return bitsPrefix(this.#disk, group);
+  }
+
   #chunkKey(index: number): string {
     return `nbd:{${this.#disk}:${Math.floor(index / this.groupChunks)}}:${index}`;
   }
@@ -423,8 +442,8 @@ export class RedisNode implements BlockNode {
     await this.#op(async () => {
       const calls: Promise<unknown>[] = [];
       for (const [g, pieces] of this.#pieces(offset, data.length)) {
-        const keys = [this.#allocKey(g)];
-        const args: Arg[] = [];
+        const keys = [this.#allocKey(g), this.#marksKey(g)];
+        const args: Arg[] = [this.#bitsPrefix(g), this.chunkSize];
         for (const p of pieces) {
           keys.push(this.#chunkKey(p.index));
           args.push(p.index - g * this.groupChunks, p.at, data.subarray(p.done, p.done + p.n));
@@ -493,8 +512,8 @@ export class RedisNode implements BlockNode {
           byGroup.set(g, [...(byGroup.get(g) ?? []), p]);
         }
         for (const [g, pieces] of byGroup) {
-          const keys = [this.#allocKey(g), ...pieces.map((p) => this.#chunkKey(p.index))];
-          const args: Arg[] = [keepArg];
+          const keys = [this.#allocKey(g), this.#marksKey(g), ...pieces.map((p) => this.#chunkKey(p.index))];
+          const args: Arg[] = [this.#bitsPrefix(g), this.chunkSize, keepArg];
           for (const p of pieces) args.push(p.index - g * this.groupChunks, p.at, p.n);
           calls.push(runScript(this.#client, ZERO_PART, keys, args));
         }
@@ -516,14 +535,25 @@ export class RedisNode implements BlockNode {
     for (let g = Math.floor(first / G); g * G < end; g++) {
       ranges.push({ g, lo: Math.max(first, g * G) - g * G, hi: Math.min(end, (g + 1) * G) - g * G });
     }
-    const lookups = await this.#bitmaps(ranges);
+    // Unallocated chunks read as zeroes before and after: marking them is
+    // for parity with files only (no data changes there, so a checkpoint
+    // racing with it loses nothing), and skipped without enabled bitmaps.
+    const [lookups, marking] = await Promise.all([this.#bitmaps(ranges), this.#client.exists(this.#marksKey(ranges[0]!.g)).then((n) => n > 0)]);
     const calls: Promise<unknown>[] = [];
     ranges.forEach(({ g, lo, hi }, i) => {
       const bits = lookups[i]!;
       let keys: string[] = [];
       let args: Arg[] = [];
+      let sent = !marking;
+      // Every call marks the group's whole zeroed range (with its data
+      // change, atomically); a group with nothing allocated gets one call
+      // that only marks.
       const send = () => {
-        if (keys.length > 0) calls.push(runScript(this.#client, ZERO_WHOLE, [this.#allocKey(g), ...keys], [keepArg, ...args]));
+        if (keys.length > 0 || !sent) {
+          const head = [this.#bitsPrefix(g), this.chunkSize, keepArg, lo * this.chunkSize, Math.min(hi * this.chunkSize, this.size - g * G * this.chunkSize)];
+          calls.push(runScript(this.#client, ZERO_WHOLE, [this.#allocKey(g), this.#marksKey(g), ...keys], [...head, ...args]));
+        }
+        sent = true;
         keys = [];
         args = [];
       };
@@ -680,16 +710,6 @@ function withTimeout<T>(p: Promise<T>, ms: number, onTimeout: () => Error): Prom
     timer = setTimeout(() => reject(onTimeout()), ms);
   });
   return Promise.race([p, t]).finally(() => clearTimeout(timer));
-}
-
-/** EVALSHA, falling back to EVAL the first time a server has not seen the script. */
-async function runScript(client: Client, s: Script, keys: string[], args: Arg[]): Promise<unknown> {
-  try {
-    return await client.evalsha(s.sha, keys.length, ...keys, ...args);
-  } catch (err) {
-    if (!(err instanceof Error && err.message.startsWith('NOSCRIPT'))) throw err;
-    return client.eval(s.lua, keys.length, ...keys, ...args);
-  }
 }
 
 function makeClient(t: RedisTarget): Client {

@@ -12,7 +12,11 @@ import fs from 'node:fs';
 import { FileNode } from '../block/file.ts';
 import { PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE } from '../block/image-lock.ts';
 import { readQcow2Header } from '../block/qcow2-open.ts';
+import { RedisBitmapOpError, type RedisBitmapOp } from '../block/redis-bitmaps.ts';
+import { isRedisUrl, parseRedisUrl } from '../block/redis-url.ts';
+import { RedisNode } from '../block/redis.ts';
 import { bitmapFailure, NodeBitmaps } from '../meta/bitmaps.ts';
+import { applyRedisBitmapOps, listRedisBitmaps } from '../meta/redis-bitmaps.ts';
 import { DEFAULT_GRANULARITY } from '../meta/dirty-bitmap.ts';
 import { EDIT_PERMS, lockImage, probeFormat, storeFor } from './bitmap-serve.ts';
 import { formatSize, parseSize, UsageError } from './size.ts';
@@ -34,8 +38,9 @@ export interface BitmapCommand {
 export const BITMAP_USAGE = `Usage: nbd-export bitmap [-f raw|qcow2] OPERATION... [-g GRANULARITY] IMAGE [NAME]
 
 Manage the persistent dirty bitmaps of IMAGE (qcow2: in the image, as qemu-img
-bitmap does; raw: in IMAGE.bitmaps beside it). Operations run in order; either
-all of them are stored or none is. Refused while the image is in use.
+bitmap does; raw: in IMAGE.bitmaps beside it; a Redis disk URL: in Redis, while
+it is served). Operations run in order; either all of them are stored or none
+is. Refused while an image file is in use.
 
   --add               add NAME (enabled; -g GRANULARITY, default 64K)
   --remove            remove NAME
@@ -135,6 +140,7 @@ export async function bitmapCommand(argv: readonly string[], out: (s: string) =>
 }
 
 export async function runBitmapCommand(cmd: BitmapCommand, out: (s: string) => void): Promise<void> {
+  if (isRedisUrl(cmd.image)) return runRedisBitmapCommand(cmd, out);
   if (!fs.existsSync(cmd.image)) throw new Error(`cannot open '${cmd.image}': No such file or directory`);
   const format = cmd.format ?? probeFormat(cmd.image);
   const changes = cmd.ops.some((o) => o.kind !== 'list');
@@ -193,5 +199,63 @@ export async function runBitmapCommand(cmd: BitmapCommand, out: (s: string) => v
     }
   } finally {
     lock.release();
+  }
+}
+
+/**
+ * A Redis disk (redis://...?disk=NAME): its bitmaps live in Redis and may
+ * change while any number of instances serve the disk, so there is no
+ * lock. The operations before each --list (all of them when there is
+ * none) are one atomic change (src/block/redis-bitmaps.ts).
+ */
+async function runRedisBitmapCommand(cmd: BitmapCommand, out: (s: string) => void): Promise<void> {
+  if (cmd.format !== undefined) throw new Error('-f applies to image files, not Redis disks');
+  let node: RedisNode;
+  try {
+    node = await RedisNode.open({ target: parseRedisUrl(cmd.image) });
+  } catch (err) {
+    throw new Error(`cannot open '${cmd.image}': ${err instanceof Error ? err.message : String(err)}`);
+  }
+  try {
+    const granularity = cmd.granularity ?? DEFAULT_GRANULARITY;
+    const name = cmd.name ?? '';
+    let pending: RedisBitmapOp[] = [];
+    const flush = async () => {
+      const ops = pending;
+      pending = [];
+      if (ops.length === 0) return;
+      try {
+        await applyRedisBitmapOps(node.bitmaps, ops);
+      } catch (err) {
+        if (!(err instanceof RedisBitmapOpError)) throw new Error(`cannot change the bitmaps of '${cmd.image}': ${bitmapFailure(err).message}`);
+        const op = ops[err.index]!;
+        throw new Error(`Operation ${op.kind} on bitmap ${op.name} failed: ${err.message}`);
+      }
+    };
+    for (const op of cmd.ops) {
+      switch (op.kind) {
+        case 'list': {
+          await flush();
+          for (const b of await listRedisBitmaps(node.bitmaps)) {
+            out(`${b.name}: granularity ${formatSize(b.granularity)}, ${b.enabled ? 'enabled' : 'disabled'}, ${b.dirtyBytes} dirty bytes\n`);
+          }
+          break;
+        }
+        case 'checkpoint':
+          pending.push({ kind: 'checkpoint', name: op.name, granularity });
+          break;
+        case 'add':
+          pending.push({ kind: 'add', name, granularity });
+          break;
+        case 'merge':
+          pending.push({ kind: 'merge', source: op.source, name });
+          break;
+        default:
+          pending.push({ kind: op.kind, name });
+      }
+    }
+    await flush();
+  } finally {
+    await node.close().catch(() => {});
   }
 }

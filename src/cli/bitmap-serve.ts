@@ -13,6 +13,8 @@ import { bitmapFailure, NodeBitmaps } from '../meta/bitmaps.ts';
 import type { DirtyBitmapContext } from '../meta/dirty-bitmap-context.ts';
 import { Qcow2BitmapStore } from '../meta/qcow2-bitmaps.ts';
 import { RawBitmapStore } from '../meta/raw-bitmaps.ts';
+import { redisBitmapContexts } from '../meta/redis-bitmaps.ts';
+import { RedisNode } from '../block/redis.ts';
 import type { Config } from './args.ts';
 
 /** The format of the image file at `path` (its first bytes after `offset`), as openImage probes it. */
@@ -79,6 +81,7 @@ export async function openServed(config: Config, open: () => Promise<BlockNode>)
     lock?.release();
     throw err;
   }
+  if (config.image.kind === 'redis') return openRedisServed(config, node, writable);
   let bitmaps: NodeBitmaps;
   try {
     // -o: a raw image inside a bigger file keeps no bitmaps of ours. A
@@ -107,4 +110,32 @@ export async function openServed(config: Config, open: () => Promise<BlockNode>)
     throw bitmapFailure(err);
   }
   return { node: exported, bitmaps, contexts, release: () => lock?.release() };
+}
+
+/** The RedisNode under the wrappers openBlockNode puts around it. */
+export function redisNodeOf(node: BlockNode): RedisNode | undefined {
+  let n: BlockNode | undefined = node;
+  while (n !== undefined && !(n instanceof RedisNode)) n = (n as { inner?: BlockNode }).inner;
+  return n;
+}
+
+/**
+ * A Redis disk: its bitmaps live in Redis and the node's own scripts mark
+ * them (src/block/redis-bitmaps.ts), so no wrapper and nothing to store at
+ * close; no image lock either (several instances are the point). The -B
+ * contexts read Redis at every query.
+ */
+async function openRedisServed(config: Config, node: BlockNode, writable: boolean): Promise<Served> {
+  const redis = redisNodeOf(node);
+  const names = [...new Set([...config.bitmaps].reverse())];
+  let contexts: DirtyBitmapContext[] = [];
+  try {
+    if (redis === undefined) throw new Error('not a Redis disk');
+    contexts = await redisBitmapContexts(redis.bitmaps, names, config.readOnly, writable);
+  } catch (err) {
+    await node.close().catch(() => {});
+    throw bitmapFailure(err);
+  }
+  const bitmaps = await NodeBitmaps.open({ store: null, size: node.size, writable: false });
+  return { node, bitmaps, contexts, release: () => {} };
 }

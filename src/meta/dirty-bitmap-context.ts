@@ -3,21 +3,32 @@
 // is clean, at the bitmap's granularity, clipped to the request, as
 // qemu-nbd's bitmap_to_extents sends it.
 import type { MetaContext, StatusRun } from './context.ts';
-import type { DirtyBitmap } from './dirty-bitmap.ts';
+import type { BitmapRun } from './dirty-bitmap.ts';
 
 export const DIRTY_BITMAP_NAMESPACE = 'qemu:dirty-bitmap:';
 export const STATE_DIRTY = 1 << 0;
 
-export class DirtyBitmapContext implements MetaContext {
+/**
+ * Where a context reads a bitmap: the in-memory DirtyBitmap of a file
+ * image, or a bitmap kept in Redis (redis-bitmaps.ts) read at each query.
+ */
+export interface DirtyBitmapSource {
   readonly name: string;
-  readonly bitmap: DirtyBitmap;
+  runs(offset: number, length: number, maxRuns: number): BitmapRun[] | Promise<BitmapRun[]>;
+  /** For metrics: cheap, may lag (Redis). */
+  dirtyBytes(): number;
+}
 
-  constructor(bitmap: DirtyBitmap) {
+export class DirtyBitmapContext<B extends DirtyBitmapSource = DirtyBitmapSource> implements MetaContext {
+  readonly name: string;
+  readonly bitmap: B;
+
+  constructor(bitmap: B) {
     this.bitmap = bitmap;
     this.name = `${DIRTY_BITMAP_NAMESPACE}${bitmap.name}`;
   }
 
   async status(offset: number, length: number, maxRuns: number): Promise<StatusRun[]> {
-    return this.bitmap.runs(offset, length, maxRuns).map((r) => ({ length: r.length, flags: r.dirty ? STATE_DIRTY : 0 }));
+    return (await this.bitmap.runs(offset, length, maxRuns)).map((r) => ({ length: r.length, flags: r.dirty ? STATE_DIRTY : 0 }));
   }
 }
