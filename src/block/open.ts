@@ -3,7 +3,6 @@
 import { MemoryNode } from './memory.ts';
 import { CheckedNode } from './node.ts';
 import type { RedisTarget } from './redis-url.ts';
-import { RedisNode } from './redis.ts';
 import { openImage, type ImageFormat } from './qcow2-open.ts';
 import type { CacheMode, DetectZeroesMode, DiscardMode } from './types.ts';
 
@@ -64,7 +63,7 @@ export async function openBlockNode(spec: BlockNodeSpec): Promise<CheckedNode> {
     spec.kind === 'memory'
       ? new MemoryNode(spec.size)
       : spec.kind === 'redis'
-        ? await RedisNode.open({ target: spec.target, size: spec.size, readOnly: spec.readOnly ?? false, warn: spec.warn })
+        ? await (await import('./redis.ts')).RedisNode.open({ target: spec.target, size: spec.size, readOnly: spec.readOnly ?? false, warn: spec.warn })
         : await openImage({
           path: spec.path,
           format: spec.format,

@@ -13,8 +13,7 @@ import { bitmapFailure, NodeBitmaps } from '../meta/bitmaps.ts';
 import type { DirtyBitmapContext } from '../meta/dirty-bitmap-context.ts';
 import { Qcow2BitmapStore } from '../meta/qcow2-bitmaps.ts';
 import { RawBitmapStore } from '../meta/raw-bitmaps.ts';
-import { redisBitmapContexts } from '../meta/redis-bitmaps.ts';
-import { RedisNode } from '../block/redis.ts';
+import type { RedisNode } from '../block/redis.ts';
 import type { Config } from './args.ts';
 
 /** The format of the image file at `path` (its first bytes after `offset`), as openImage probes it. */
@@ -113,7 +112,9 @@ export async function openServed(config: Config, open: () => Promise<BlockNode>)
 }
 
 /** The RedisNode under the wrappers openBlockNode puts around it. */
-export function redisNodeOf(node: BlockNode): RedisNode | undefined {
+export async function redisNodeOf(node: BlockNode): Promise<RedisNode | undefined> {
+  // Loaded only for Redis disks: ioredis costs ~24 MiB of memory once imported.
+  const { RedisNode } = await import('../block/redis.ts');
   let n: BlockNode | undefined = node;
   while (n !== undefined && !(n instanceof RedisNode)) n = (n as { inner?: BlockNode }).inner;
   return n;
@@ -126,7 +127,8 @@ export function redisNodeOf(node: BlockNode): RedisNode | undefined {
  * contexts read Redis at every query.
  */
 async function openRedisServed(config: Config, node: BlockNode, writable: boolean): Promise<Served> {
-  const redis = redisNodeOf(node);
+  const redis = await redisNodeOf(node);
+  const { redisBitmapContexts } = await import('../meta/redis-bitmaps.ts');
   const names = [...new Set([...config.bitmaps].reverse())];
   let contexts: DirtyBitmapContext[] = [];
   try {

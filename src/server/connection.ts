@@ -55,6 +55,7 @@ export class Connection {
   #session: Session | null = null;
   #closed = false;
   #handshakeTimer: NodeJS.Timeout | undefined;
+  #lingerTimer: NodeJS.Timeout | undefined;
   #replies: Buffer[] = [];
   /** Run when the queued replies are written (they return budget bytes). */
   #sentCallbacks: (() => void)[] = [];
@@ -127,20 +128,9 @@ export class Connection {
     socket.on('close', () => {
       this.#closed = true;
       clearTimeout(this.#handshakeTimer);
-      const { cause, reason, negotiation } = this.closeSummary();
-      const exp = this.#session?.export.name;
-      // Without a session, the options tried are the handshake's result.
-      const options = exp === undefined ? this.#optionNames() : undefined;
-      const detail = exp !== undefined ? `${this.#requests} requests` : `negotiation ${negotiation}; options ${options!.join(',') || 'none'}`;
-      this.#owner.log.info(`disconnected: ${reason} (${detail})`, {
-        conn: this.id,
-        cause,
-        reason,
-        export: exp,
-        requests: exp !== undefined ? this.#requests : undefined,
-        negotiation: exp === undefined ? negotiation : undefined,
-        options,
-      });
+      // A pending timer would keep this whole connection reachable until it fires.
+      clearTimeout(this.#lingerTimer);
+      if (this.#owner.log.infoEnabled) this.#logClose();
       this.#owner.connectionClosed(this);
     });
     if (this.#owner.handshakeLimitMs > 0) {
@@ -174,7 +164,8 @@ export class Connection {
     this.socket.end();
     this.socket.destroySoon();
     // A client that never reads would keep the socket (and our replies) forever.
-    setTimeout(() => this.socket.destroy(), CLOSE_LINGER_MS).unref();
+    this.#lingerTimer = setTimeout(() => this.socket.destroy(), CLOSE_LINGER_MS);
+    this.#lingerTimer.unref();
   }
 
   #setCause(cause: CloseCause, reason: string): void {
@@ -194,7 +185,7 @@ export class Connection {
   #enterTransmission(session: Session): void {
     clearTimeout(this.#handshakeTimer);
     this.#session = session;
-    this.#logHandshake(session);
+    if (this.#owner.log.infoEnabled) this.#logHandshake(session);
     this.#owner.negotiated?.(this, session);
     const owner = this.#owner;
     this.#transmission = new Transmission(
@@ -224,6 +215,24 @@ export class Connection {
     const options = this.#negotiation.options.map((o) => optionName(o).replace(/^NBD_OPT_/, ''));
     if (options.length === MAX_OPTIONS_KEPT) options.push('...');
     return options;
+  }
+
+  /** At info: why the connection ended. */
+  #logClose(): void {
+    const { cause, reason, negotiation } = this.closeSummary();
+    const exp = this.#session?.export.name;
+    // Without a session, the options tried are the handshake's result.
+    const options = exp === undefined ? this.#optionNames() : undefined;
+    const detail = exp !== undefined ? `${this.#requests} requests` : `negotiation ${negotiation}; options ${options!.join(',') || 'none'}`;
+    this.#owner.log.info(`disconnected: ${reason} (${detail})`, {
+      conn: this.id,
+      cause,
+      reason,
+      export: exp,
+      requests: exp !== undefined ? this.#requests : undefined,
+      negotiation: exp === undefined ? negotiation : undefined,
+      options,
+    });
   }
 
   /** At info: what the client negotiated. */

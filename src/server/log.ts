@@ -21,6 +21,8 @@ export interface Logger {
   debug(message: string, fields?: LogFields): void;
   /** -T lines; ignored unless tracing is on. */
   trace(message: string, fields?: LogFields): void;
+  /** True when info lines are written (to skip building per-connection lines). */
+  readonly infoEnabled: boolean;
   /** True when debug lines are written (to skip building them). */
   readonly debugEnabled: boolean;
   readonly traceEnabled: boolean;
@@ -57,6 +59,7 @@ export function createLogger(level: LogLevel, opts: LoggerOptions = {}): Logger 
     info: emit('info'),
     debug: emit('debug'),
     trace: trace ? (message, fields) => write(line('trace', message, fields)) : () => {},
+    infoEnabled: at >= ORDER.info,
     debugEnabled: at >= ORDER.debug,
     traceEnabled: trace,
   };
@@ -73,6 +76,7 @@ export const silentLogger: Logger = {
   info() {},
   debug() {},
   trace() {},
+  infoEnabled: false,
   debugEnabled: false,
   traceEnabled: false,
 };

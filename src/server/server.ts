@@ -152,8 +152,10 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     const conn = new Connection(this.#nextId++, socket, this, transport);
     this.#active.add(conn);
     this.#served++;
-    const from = transport === 'unix' ? 'a unix socket' : `${socket.remoteAddress}:${socket.remotePort}`;
-    this.log.info(`accepted from ${from}`, { conn: conn.id, transport, remote: transport === 'tcp' ? from : undefined });
+    if (this.log.infoEnabled) {
+      const from = transport === 'unix' ? 'a unix socket' : `${socket.remoteAddress}:${socket.remotePort}`;
+      this.log.info(`accepted from ${from}`, { conn: conn.id, transport, remote: transport === 'tcp' ? from : undefined });
+    }
     conn.start();
   }
 
