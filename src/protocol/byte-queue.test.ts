@@ -29,6 +29,20 @@ function* compositions(n: number): Generator<number[]> {
 }
 
 describe('ByteQueue', () => {
+  test('contiguous() tells whether the next bytes lie in one chunk', () => {
+    const q = new ByteQueue();
+    assert.equal(q.contiguous(1), false);
+    q.push(Buffer.from([1, 2, 3]));
+    q.push(Buffer.from([4, 5]));
+    assert.equal(q.contiguous(3), true);
+    assert.equal(q.contiguous(4), false);
+    q.take(2);
+    assert.equal(q.contiguous(1), true);
+    assert.equal(q.contiguous(2), false);
+    assert.deepEqual([...q.takeInto(Buffer.alloc(3))], [3, 4, 5]);
+    assert.equal(q.length, 0);
+  });
+
   test('starts empty; empty chunks are ignored', t, () => {
     const q = new ByteQueue();
     assert.equal(q.length, 0);
@@ -138,7 +152,7 @@ describe('ByteQueue', () => {
   test('matches a plain array model under random pushes and operations (property)', t, () => {
     const op = fc.oneof(
       fc.record({ kind: fc.constant('push' as const), data: fc.uint8Array({ maxLength: 9 }) }),
-      fc.record({ kind: fc.constantFrom('take' as const, 'peek' as const, 'skip' as const), n: fc.nat(12) }),
+      fc.record({ kind: fc.constantFrom('take' as const, 'peek' as const, 'skip' as const, 'takeInto' as const), n: fc.nat(12) }),
     );
     fc.assert(
       fc.property(fc.array(op, { maxLength: 40 }), (ops) => {
@@ -153,11 +167,14 @@ describe('ByteQueue', () => {
             assert.equal(q.skip(o.n), dropped);
             model = model.slice(dropped);
           } else if (o.n > model.length) {
-            assert.throws(() => (o.kind === 'take' ? q.take(o.n) : q.peek(o.n)), RangeError);
+            const run = { take: () => q.take(o.n), peek: () => q.peek(o.n), takeInto: () => q.takeInto(Buffer.alloc(o.n)) }[o.kind];
+            assert.throws(run, RangeError);
           } else {
-            const got = o.kind === 'take' ? q.take(o.n) : q.peek(o.n);
+            const target = Buffer.alloc(o.n);
+            const got = o.kind === 'take' ? q.take(o.n) : o.kind === 'peek' ? q.peek(o.n) : q.takeInto(target);
             assert.deepEqual([...got], model.slice(0, o.n));
-            if (o.kind === 'take') model = model.slice(o.n);
+            if (o.kind === 'takeInto') assert.equal(got, target);
+            if (o.kind !== 'peek') model = model.slice(o.n);
           }
           assert.equal(q.length, model.length);
         }

@@ -40,6 +40,20 @@ export class ByteQueue {
     return this.#gather(n, true);
   }
 
+  /** True when the next `n` bytes lie in one received chunk (take() would not copy them). */
+  contiguous(n: number): boolean {
+    const first = this.#chunks[0];
+    return first !== undefined && first.length - this.#head >= n;
+  }
+
+  /** Consume the next `out.length` bytes by copying them into `out`; caller checks length first. */
+  takeInto(out: Buffer): Buffer {
+    if (out.length > this.#length) throw new RangeError(`takeInto(${out.length}) with ${this.#length} buffered`);
+    this.#copyOut(out);
+    this.#advance(out.length);
+    return out;
+  }
+
   /** Consume up to `n` bytes, returning how many were dropped. */
   skip(n: number): number {
     const count = Math.min(n, this.#length);
@@ -48,7 +62,14 @@ export class ByteQueue {
   }
 
   #gather(n: number, consume: boolean): Buffer {
-    const out = Buffer.allocUnsafe(n);
+    const out = this.#copyOut(Buffer.allocUnsafe(n));
+    if (consume) this.#advance(n);
+    return out;
+  }
+
+  /** Copy the next `out.length` bytes into `out` without consuming them. */
+  #copyOut(out: Buffer): Buffer {
+    const n = out.length;
     let copied = 0;
     let head = this.#head;
     for (const chunk of this.#chunks) {
@@ -58,7 +79,6 @@ export class ByteQueue {
       copied += part;
       head = 0;
     }
-    if (consume) this.#advance(n);
     return out;
   }
 

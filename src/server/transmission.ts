@@ -115,6 +115,8 @@ export class Transmission {
   #shuttingDown = false;
   /** Pooled read buffers, returned to the pool when their reply is written. */
   readonly #pooled = new WeakMap<Request, Buffer>();
+  /** Pooled write payloads, returned to the pool once their write has succeeded. */
+  readonly #pooledPayloads = new WeakMap<Request, Buffer>();
   /** Resumes parsing once the shared budget has room again. */
   readonly #wake: () => void;
 
@@ -181,8 +183,14 @@ export class Transmission {
           break;
         }
         case 'payload': {
-          if (queue.length < state.req.length) return;
-          const payload = queue.take(state.req.length);
+          const n = state.req.length;
+          if (queue.length < n) return;
+          // A payload spread over socket chunks is gathered into a pooled
+          // buffer: a fresh 1 MiB buffer per write kept the GC busy (48 % of
+          // busy samples in a 1 MiB sequential-write profile).
+          const pooled = queue.contiguous(n) ? undefined : this.#limits.pool?.get(n);
+          if (pooled !== undefined) this.#pooledPayloads.set(state.req, pooled);
+          const payload = pooled === undefined ? queue.take(n) : queue.takeInto(pooled);
           this.#state = { name: 'header' };
           this.#dispatch(state.req, payload, state.start);
           break;
@@ -302,9 +310,15 @@ export class Transmission {
     switch (req.type) {
       case NBD_CMD_READ:
         return this.#read(req);
-      case NBD_CMD_WRITE:
+      case NBD_CMD_WRITE: {
+        const pooled = this.#pooledPayloads.get(req);
+        this.#pooledPayloads.delete(req);
         if (req.length > 0) await node.write(req.offset, payload!, { fua });
+        // Back to the pool only after success: a backend that gave up on a
+        // write (a Redis timeout) may still read the buffer later.
+        if (pooled !== undefined) this.#limits.pool!.release(pooled);
         break;
+      }
       case NBD_CMD_FLUSH:
         await node.flush();
         break;
