@@ -57,7 +57,9 @@ export interface TransmissionLimits {
 }
 
 export const DEFAULT_LIMITS: TransmissionLimits = {
-  maxInflightBytes: 64 * 1024 * 1024,
+  // A request larger than this still runs (alone). 4 MiB in flight keeps a
+  // 1 MiB qd16 reader fed: sequential reads ran 2-3x faster than with 64 MiB.
+  maxInflightBytes: 4 * 1024 * 1024,
   maxInflightRequests: 256,
 };
 
