@@ -1457,7 +1457,7 @@ const PROBE_DESCRIPTIONS: Record<ProbeKind, string> = {
   'valid-reads': 'GO, then NBD_CMD_READ of 64 KiB at offset 0 repeated',
   'closed-junk': 'GO, 8 READs of 1 MiB, 300 ms, a request with magic 0xdeadbeef, then 0x41 bytes',
   'disc-junk': 'GO, 8 READs of 1 MiB, NBD_CMD_DISC, 300 ms, then 0x41 bytes',
-  'budget-wait': '20 other clients hold 16 unread 4 MiB READs each (the shared budget); GO, a READ of 1 MiB, then 0x41 bytes',
+  'budget-wait': '8 other clients hold unread 32 MiB READs (the shared budget); GO, a READ of 1 MiB, then 0x41 bytes',
   'mutated-tail': 'a fuzz case stream repeated',
 };
 
@@ -1467,8 +1467,7 @@ const FLOOD_MS = 5000;
 const STALL_MS = 1000;
 /**
  * How much a probe may grow the server's RSS: the replies or payloads a
- * connection has in flight (4 MiB, or one request of up to 32 MiB) and the
- * shared 64 MiB budget, writes landing on the 64 MiB memory disk, and
+ * connection has in flight (4 MiB, or one request of up to 32 MiB), writes landing on the 64 MiB memory disk, and
  * garbage not yet collected.
  */
 const PROBE_GROWTH_MIB = 160;
@@ -1492,14 +1491,14 @@ async function floodProbe(sock: string, kind: ProbeKind, rng: Rng, size: number,
   const hogs: net.Socket[] = [];
   if (kind === 'budget-wait') {
     // Replies nobody reads hold the server's shared memory budget.
-    // Each holds its connection's share (4 MiB in flight, one reply unread):
-    // together more than the 64 MiB budget.
-    for (let i = 0; i < 20; i++) {
+    // Each holds its connection's share (one 32 MiB read unread): together
+    // the whole 256 MiB budget.
+    for (let i = 0; i < 8; i++) {
       const h = await connect(sock);
       h.pause();
       h.on('error', () => {});
       const hello = u32(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
-      const reads = Array.from({ length: 16 }, (_, k) => requestBytes({ type: NBD_CMD_READ, cookie: BigInt(k + 1), offset: 0, length: 4 * MiB }));
+      const reads = Array.from({ length: 2 }, (_, k) => requestBytes({ type: NBD_CMD_READ, cookie: BigInt(k + 1), offset: 0, length: 32 * MiB }));
       h.write(Buffer.concat([hello, optionBytes(NBD_OPT_GO, Buffer.concat([lstr(''), u16(0)])), ...reads]));
       hogs.push(h);
     }
@@ -1773,10 +1772,10 @@ export const DEFAULT_OPTIONS: Omit<FuzzOptions, 'seed'> = {
   checkEvery: 20,
   probeEvery: 10,
   probeStart: 0,
-  // README "Memory bound": ~100 MiB runtime, the 64 MiB request budget,
+  // README "Memory bound": ~100 MiB runtime, the 256 MiB request budget,
   // 32 MiB of pooled buffers, plus the 64 MiB memory disk once the cases
   // have written all of it, and 64 MiB for garbage not yet collected.
-  maxRssMiB: 100 + 64 + 32 + 64 + 64,
+  maxRssMiB: 100 + 256 + 32 + 64 + 64,
   verbose: false,
   log: (line) => console.log(line),
 };
