@@ -5,7 +5,7 @@ import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { pattern, runConformance } from './conformance.ts';
 import { DIRECT_ALIGN, FileNode } from './file.ts';
-import { setFfiEnabled } from './ffi.ts';
+import { fallocate, seek, SEEK_DATA, setFfiEnabled } from './ffi.ts';
 import { openBlockNode } from './open.ts';
 import { BlockError } from './types.ts';
 
@@ -68,6 +68,15 @@ if (shmDir !== undefined) {
 
 const t = { timeout: 20_000 };
 
+/** lseek, with ENXIO (nothing more of that kind) as the end of the file. */
+function seekOrEnd(fd: number, at: number, whence: typeof SEEK_DATA): number {
+  try {
+    return seek(fd, at, whence);
+  } catch {
+    return fs.fstatSync(fd).size;
+  }
+}
+
 async function withFile<T>(node: Promise<FileNode>, fn: (n: FileNode) => Promise<T>): Promise<T> {
   const n = await node;
   try {
@@ -94,6 +103,53 @@ describe('FileNode', () => {
         { length: 10, hole: false, zero: false },
       ]);
       assert.equal((await node.extents(0, node.size, 2)).length, 2);
+    });
+  });
+
+  test('reads leave holes and unwritten extents unread, so they stay holes', t, async (ctx) => {
+    // Reading an unwritten extent would fill the page cache, after which
+    // ext4 reports it as data; qemu-nbd fills such ranges with zeroes instead.
+    const p = tempFile(1024 * 1024);
+    const fd = fs.openSync(p, 'r+');
+    let unwrittenIsHole: boolean;
+    try {
+      await fallocate(fd, 0, 0, 512 * 1024); // unwritten extents
+      unwrittenIsHole = seekOrEnd(fd, 0, SEEK_DATA) > 0;
+    } catch {
+      ctx.skip('no fallocate here');
+      return;
+    } finally {
+      fs.closeSync(fd);
+    }
+    if (!unwrittenIsHole) {
+      ctx.skip('this filesystem reports unwritten extents as data');
+      return;
+    }
+    await withFile(FileNode.open({ path: p }), async (node) => {
+      await node.write(700 * 1024, Buffer.alloc(4096, 7));
+      const layout = [
+        { length: 700 * 1024, hole: true, zero: true },
+        { length: 4096, hole: false, zero: false },
+        { length: 1024 * 1024 - 704 * 1024, hole: true, zero: true },
+      ];
+      assert.deepEqual(await node.extents(0, node.size), layout, 'opening the file read nothing');
+      // Small reads (the page-cache fast path), one large read, and reads across the written block.
+      for (let at = 0; at < node.size; at += 64 * 1024) await node.read(at, 64 * 1024);
+      assert.ok((await node.read(0, node.size)).subarray(0, 700 * 1024).equals(Buffer.alloc(700 * 1024)));
+      const around = await node.read(700 * 1024 - 8192, 16384);
+      assert.ok(around.subarray(8192, 12288).equals(Buffer.alloc(4096, 7)));
+      assert.deepEqual(await node.extents(0, node.size), layout);
+      // Known data is read without asking again; zeroing makes it unknown again.
+      await node.write(0, Buffer.alloc(128 * 1024, 1));
+      assert.deepEqual((await node.extents(0, node.size))[0], { length: 128 * 1024, hole: false, zero: false });
+      await node.read(0, 4096);
+      await node.flush(); // ext4 zeroes delayed-allocation blocks by writing them
+      await node.writeZeroes(64 * 1024, 64 * 1024);
+      const zeroed = await node.extents(64 * 1024, 64 * 1024);
+      assert.deepEqual(zeroed, [{ length: 64 * 1024, hole: true, zero: true }]);
+      await node.read(64 * 1024, 64 * 1024);
+      await node.read(96 * 1024, 4096);
+      assert.deepEqual(await node.extents(64 * 1024, 64 * 1024), zeroed, 'zeroed range not read');
     });
   });
 

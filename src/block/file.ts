@@ -34,6 +34,7 @@ import {
   RAMFS_MAGIC,
   TMPFS_MAGIC,
 } from './ffi.ts';
+import { DataMap } from './data-map.ts';
 import { RangeLock } from './range-lock.ts';
 import type { BlockCapabilities, BlockNode, DiscardMode, Extent, WriteOptions, ZeroOptions } from './types.ts';
 import { BlockError } from './types.ts';
@@ -78,12 +79,14 @@ const FAST_IO_MAX = 128 * 1024;
  */
 type FastIo = 'memory' | 'nowait' | 'none';
 
-function probeFastIo(fd: number): FastIo {
+function probeFastIo(fd: number, fileEnd: number): FastIo {
   if (!ffiAvailable()) return 'none';
   const type = filesystemType(fd);
   if (type === TMPFS_MAGIC || type === RAMFS_MAGIC) return 'memory';
   try {
-    preadNowait(fd, Buffer.alloc(1), 0);
+    // At the end of the file: a probe inside it could fill the page cache
+    // over an unwritten extent (a RWF_NOWAIT read needs no I/O there).
+    preadNowait(fd, Buffer.alloc(1), fileEnd);
     return 'nowait';
   } catch {
     return 'none';
@@ -143,8 +146,8 @@ export class FileNode implements BlockNode {
   readonly #discard: DiscardMode;
   readonly #ffi: boolean;
   readonly #locks = new RangeLock();
-  /** Whether reads skip holes instead of reading them (see #readAroundHoles). */
-  readonly #skipHoles: boolean;
+  /** Set when reads skip holes instead of reading them (see #readAroundHoles): where the file is known to be data. */
+  readonly #dataMap: DataMap | null;
   /** How small buffered I/O may skip the thread pool (see FastIo). */
   #fastIo: FastIo;
   #closing: Promise<void> | undefined;
@@ -169,11 +172,11 @@ export class FileNode implements BlockNode {
     this.isBlockDevice = init.blockDevice;
     this.#discard = init.discard;
     this.#ffi = ffiAvailable();
-    this.#fastIo = init.direct ? 'none' : probeFastIo(init.fd);
+    const fileEnd = init.base + init.size;
+    this.#fastIo = init.direct ? 'none' : probeFastIo(init.fd, fileEnd);
     // lseek(SEEK_HOLE) is cheap on disk filesystems but walks the page
     // cache on tmpfs, where reading a hole changes nothing anyway.
-    this.#skipHoles = this.#ffi && !init.blockDevice && this.#fastIo !== 'memory';
-    const fileEnd = init.base + init.size;
+    this.#dataMap = this.#ffi && !init.blockDevice && this.#fastIo !== 'memory' ? new DataMap(fileEnd) : null;
     this.#tailStart = init.tailFd === null ? Infinity : alignDown(fileEnd);
     const writable = !init.readOnly;
     this.capabilities = Object.freeze({
@@ -245,7 +248,19 @@ export class FileNode implements BlockNode {
    * (the caller reads it as usual). Node coordinates.
    */
   async #readAroundHoles(out: Buffer, offset: number): Promise<boolean> {
-    const runs = await this.extents(offset, out.length);
+    // From the chunk's start, so that the scan can mark the whole chunk as data.
+    const from = Math.max(0, this.#dataMap!.chunkStart(this.#base + offset) - this.#base);
+    const runs = await this.extents(from, offset + out.length - from);
+    let skip = offset - from;
+    while (skip > 0) {
+      const first = runs[0]!;
+      if (first.length > skip) {
+        runs[0] = { ...first, length: first.length - skip };
+        break;
+      }
+      skip -= first.length;
+      runs.shift();
+    }
     if (!runs.some((r) => r.hole)) return false;
     let at = 0;
     for (const run of runs) {
@@ -326,7 +341,10 @@ export class FileNode implements BlockNode {
       const p = this.#base + offset;
       if (!this.direct) {
         const out = into === undefined ? Buffer.allocUnsafe(length) : into.subarray(0, length);
-        if (this.#skipHoles && (await this.#readAroundHoles(out, offset))) return out;
+        // Where the file is known to be data, no lseek: a pair of them per
+        // read cost 4 KiB reads on disk 40 % of their rate.
+        const known = this.#dataMap === null || this.#dataMap.covers(p, p + length);
+        if (!known && (await this.#readAroundHoles(out, offset))) return out;
         const now = length <= FAST_IO_MAX ? this.#readNow(out, p) : 0;
         if (now < length) await this.#readFull(this.#fd, out.subarray(now), p + now, false);
         return out;
@@ -488,6 +506,8 @@ export class FileNode implements BlockNode {
       from = alignUp(p);
       to = Math.max(from, alignDown(p + length));
     }
+    // Before the change, so that no read takes the range for data meanwhile.
+    this.#dataMap?.forget(p, p + length);
     const run = async (): Promise<boolean> => {
       if (to > from) {
         try {
@@ -536,6 +556,7 @@ export class FileNode implements BlockNode {
     const base = this.#base;
     let pos = base + offset;
     const end = pos + length;
+    const generation = this.#dataMap?.generation ?? 0;
     // File coordinates in the loop; the collector takes node coordinates.
     // lseek is synchronous: let other work run between long stretches of it.
     for (let round = 1; pos < end && !c.done; round++) {
@@ -563,6 +584,7 @@ export class FileNode implements BlockNode {
         hole = end; // the file changed under us: call the rest data
       }
       if (hole <= pos) hole = end;
+      else this.#dataMap?.mark(pos, hole, generation);
       c.add(pos - base, Math.min(hole, end) - pos, DATA);
       pos = hole;
     }
