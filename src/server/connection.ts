@@ -11,6 +11,7 @@ import { exportFlags, transmissionFlagNames } from './flags.ts';
 import { MAX_OPTIONS_KEPT, Negotiation, type Session } from './negotiation.ts';
 import { Transmission, type TransmissionLimits } from './transmission.ts';
 import type { Logger } from './log.ts';
+import type { SocketReader } from './socket-reader.ts';
 
 /** Unread option replies at which a negotiating client stops being read. */
 const NEGOTIATION_REPLY_BACKLOG = 256 * 1024;
@@ -64,10 +65,19 @@ export class Connection {
   #cause: CloseCause | undefined;
   #reason = '';
   #requests = 0;
+  /** Set when the socket reads through a SocketReader (its `onread`), else reads come as 'data' events. */
+  readonly #reader: SocketReader | undefined;
 
-  constructor(id: number, socket: Socket, owner: ConnectionOwner, transport: Transport = socket.remoteAddress === undefined ? 'unix' : 'tcp') {
+  constructor(
+    id: number,
+    socket: Socket,
+    owner: ConnectionOwner,
+    transport: Transport = socket.remoteAddress === undefined ? 'unix' : 'tcp',
+    reader?: SocketReader,
+  ) {
     this.id = id;
     this.socket = socket;
+    this.#reader = reader;
     this.transport = transport;
     this.#owner = owner;
     this.#negotiation = new Negotiation({
@@ -113,12 +123,18 @@ export class Connection {
 
   start(): void {
     const socket = this.socket;
-    socket.on('data', (chunk: Buffer) => {
+    const received = (chunk: Buffer): void => {
       // After we hang up, whatever the client still sends is dropped.
       if (this.#closed) return;
       this.#queue.push(chunk);
       this.#pump();
-    });
+    };
+    if (this.#reader !== undefined) {
+      this.#reader.sink = received;
+    } else {
+      socket.on('data', received);
+      socket.resume(); // the listener accepts paused (see socket-reader.ts)
+    }
     socket.on('drain', () => this.#pump());
     socket.on('error', (err) => {
       this.#debug(`socket error: ${err.message}`);
@@ -194,6 +210,14 @@ export class Connection {
         sendReply: (parts, sent) => this.#queueReply(parts, sent),
         close: (reason, cause) => this.close(reason, cause),
         progress: () => this.#pump(),
+        readInto:
+          this.#reader === undefined
+            ? undefined
+            : (buf, filled, done) =>
+                this.#reader!.readInto(buf, filled, () => {
+                  // As with queued bytes: nothing that arrives after we hung up is acted on.
+                  if (!this.#closed) done();
+                }),
         debug: (msg) => this.#debug(msg),
         debugging: owner.log.debugEnabled,
         warn: (msg, fields) => owner.log.warn(msg, { conn: this.id, ...fields }),

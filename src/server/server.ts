@@ -12,6 +12,7 @@ import { DEFAULT_LIMITS, type TransmissionLimits } from './transmission.ts';
 import { silentLogger, type Logger } from './log.ts';
 import { ByteBudget } from './budget.ts';
 import { BufferPool } from './buffer-pool.ts';
+import { readThrough, SocketReader } from './socket-reader.ts';
 
 /**
  * Eight maximum payloads (32 MiB each): with only two, a few clients asking
@@ -119,7 +120,8 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
   }
 
   #makeListener(tcp: boolean): net.Server {
-    const server = net.createServer({ pauseOnConnect: false, noDelay: tcp }, (socket) => this.#accept(socket));
+    // Paused, so that an admitted socket can be handed to a SocketReader before it reads.
+    const server = net.createServer({ pauseOnConnect: true, noDelay: tcp }, (socket) => this.#accept(socket));
     // Errors before listening are the caller's to report (port in use...).
     server.on('error', (err) => {
       if (server.listening) this.log.error(`listener: ${err.message}`);
@@ -155,8 +157,11 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     });
   }
 
-  #admit(socket: net.Socket, transport: Transport): void {
-    const conn = new Connection(this.#nextId++, socket, this, transport);
+  #admit(accepted: net.Socket, transport: Transport): void {
+    const reader = new SocketReader();
+    const adopted = readThrough(accepted, reader);
+    const socket = adopted ?? accepted;
+    const conn = new Connection(this.#nextId++, socket, this, transport, adopted === null ? undefined : reader);
     this.#active.add(conn);
     this.#served++;
     if (this.log.infoEnabled) {

@@ -267,6 +267,35 @@ describe('Transmission', () => {
     assert.equal(s.tx.saturated, false);
   });
 
+  test('the rest of a large write payload is read straight into its buffer; small ones wait in the queue', t, async () => {
+    const s = setup();
+    const direct: { buf: Buffer; filled: number; done: () => void }[] = [];
+    s.host.readInto = (buf, filled, done) => direct.push({ buf, filled, done });
+    const payload = Buffer.alloc(200 * 1024);
+    for (let i = 0; i < payload.length; i++) payload[i] = (i * 7) & 0xff;
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 1n, 4096, payload.length), payload.subarray(0, 10_000)]));
+    assert.equal(direct.length, 1);
+    assert.equal(direct[0]!.filled, 10_000);
+    assert.equal(direct[0]!.buf.length, payload.length);
+    assert.ok(direct[0]!.buf.subarray(0, 10_000).equals(payload.subarray(0, 10_000)), 'what was queued is in the buffer');
+    assert.equal(s.queue.length, 0);
+    // Meanwhile nothing is parsed, even if bytes were queued.
+    s.feed(rq(NBD_CMD_FLUSH, 2n, 0, 0));
+    assert.equal(s.node.calls.length, 0);
+    payload.copy(direct[0]!.buf, 10_000, 10_000);
+    direct[0]!.done();
+    await waitFor(() => s.host.replies.length >= 2, 2000, '2 replies');
+    assert.deepEqual(s.node.calls.map((c) => c.op), ['write', 'flush']);
+    assert.ok(s.node.data.subarray(4096, 4096 + payload.length).equals(payload));
+    // A small payload that has not all arrived waits in the queue.
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 3n, 0, 60 * 1024), Buffer.alloc(1000, 1)]));
+    assert.equal(direct.length, 1);
+    s.feed(Buffer.alloc(60 * 1024 - 1000, 1));
+    await waitFor(() => s.host.replies.length >= 3, 2000, '3 replies');
+    assert.ok(s.node.data.subarray(0, 60 * 1024).equals(Buffer.alloc(60 * 1024, 1)));
+    assert.deepEqual(cookiesOf(s.host), [1n, 2n, 3n]);
+  });
+
   test('write payloads count towards the in-flight bytes', t, async () => {
     const s = setup({ limits: { maxInflightBytes: 4096, maxInflightRequests: 100 } });
     const gate = deferred();

@@ -1,0 +1,134 @@
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { after, test } from 'node:test';
+import { readThrough, SocketReader } from './socket-reader.ts';
+
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-reader-'));
+after(() => fs.rmSync(dir, { recursive: true, force: true }));
+let counter = 0;
+
+/** A listener that accepts paused, as the server's does; resolves with the first accepted socket and a connected client. */
+async function pair(): Promise<{ accepted: net.Socket; client: net.Socket; close: () => void }> {
+  const sock = path.join(dir, `s${counter++}`);
+  const server = net.createServer({ pauseOnConnect: true });
+  await new Promise<void>((resolve) => server.listen(sock, resolve));
+  const accepted = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
+  const client = net.connect(sock);
+  await new Promise<void>((resolve) => client.once('connect', resolve));
+  const s = await accepted;
+  return {
+    accepted: s,
+    client,
+    close: () => {
+      client.destroy();
+      server.close();
+    },
+  };
+}
+
+test('small reads reach the sink intact, a direct read fills its buffer, and the rest follows in order', { timeout: 20_000 }, async () => {
+  const { accepted, client, close } = await pair();
+  try {
+    const reader = new SocketReader();
+    const socket = readThrough(accepted, reader);
+    assert.ok(socket !== null, 'this Node hands the connection over');
+    const sent = crypto.randomBytes(3 * 1024 * 1024 + 12345);
+    const chunks: Buffer[] = [];
+    let got = 0;
+    let direct: Buffer | undefined;
+    let sinkDuringDirect = 0;
+    const done = new Promise<void>((resolve) => {
+      reader.sink = (chunk) => {
+        if (direct !== undefined && got < 64 * 1024 + direct.length) sinkDuringDirect++;
+        chunks.push(chunk);
+        got += chunk.length;
+        // After the first 64 KiB or so, read 2 MiB straight into one buffer,
+        // starting with what the last chunk brought past the 64 KiB mark.
+        if (direct === undefined && got >= 64 * 1024) {
+          const extra = got - 64 * 1024;
+          direct = Buffer.alloc(2 * 1024 * 1024);
+          const last = chunks.pop()!;
+          chunks.push(last.subarray(0, last.length - extra));
+          last.copy(direct, 0, last.length - extra);
+          reader.readInto(direct, extra, () => {
+            chunks.push(direct!);
+            got = 64 * 1024 + direct!.length;
+          });
+        }
+        if (got === sent.length) resolve();
+      };
+    });
+    // In pieces, with pauses, so that reads come in many sizes.
+    for (let at = 0; at < sent.length; ) {
+      const n = Math.min(sent.length - at, 1 + crypto.randomInt(300 * 1024));
+      client.write(sent.subarray(at, at + n));
+      at += n;
+      if (crypto.randomInt(4) === 0) await new Promise((resolve) => setTimeout(resolve, 1));
+    }
+    await done;
+    assert.equal(sinkDuringDirect, 0, 'nothing reaches the sink while a direct read is under way');
+    assert.ok(Buffer.concat(chunks).equals(sent), 'every byte, in order, none overwritten by a later read');
+    socket.destroy();
+  } finally {
+    close();
+  }
+});
+
+test('the adopted socket ends and closes when the client hangs up, and can write', { timeout: 10_000 }, async () => {
+  const { accepted, client, close } = await pair();
+  try {
+    const reader = new SocketReader();
+    const socket = readThrough(accepted, reader)!;
+    const received: Buffer[] = [];
+    reader.sink = (chunk) => received.push(chunk);
+    const ended = new Promise<void>((resolve) => socket.once('end', resolve));
+    const closed = new Promise<void>((resolve) => socket.once('close', resolve));
+    socket.on('end', () => socket.end());
+    const echoed = new Promise<Buffer>((resolve) => client.once('data', resolve));
+    socket.write('hello');
+    assert.equal((await echoed).toString(), 'hello');
+    client.end('bye');
+    await ended;
+    await closed;
+    assert.equal(Buffer.concat(received).toString(), 'bye');
+  } finally {
+    close();
+  }
+});
+
+test('pause() stops reads into the reader and resume() starts them again', { timeout: 10_000 }, async () => {
+  const { accepted, client, close } = await pair();
+  try {
+    const reader = new SocketReader();
+    const socket = readThrough(accepted, reader)!;
+    let got = 0;
+    reader.sink = (chunk) => {
+      got += chunk.length;
+    };
+    client.write(Buffer.alloc(1000));
+    while (got < 1000) await new Promise((resolve) => setTimeout(resolve, 5));
+    socket.pause();
+    client.write(Buffer.alloc(1000));
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    assert.equal(got, 1000, 'nothing read while paused');
+    socket.resume();
+    while (got < 2000) await new Promise((resolve) => setTimeout(resolve, 5));
+    socket.destroy();
+  } finally {
+    close();
+  }
+});
+
+test('a socket that is already gone is not adopted', { timeout: 10_000 }, async () => {
+  const { accepted, close } = await pair();
+  try {
+    accepted.destroy();
+    assert.equal(readThrough(accepted, new SocketReader()), null);
+  } finally {
+    close();
+  }
+});
