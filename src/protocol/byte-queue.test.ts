@@ -182,4 +182,69 @@ describe('ByteQueue', () => {
       { numRuns: 300 },
     );
   });
+  test('lent chunks: takeKept and release copy what outlives them (property)', t, () => {
+    // As the socket reader does: bytes lent from one scratch buffer, which is
+    // scribbled over after every release().
+    const op = fc.oneof(
+      fc.record({ kind: fc.constantFrom('push' as const, 'lend' as const), data: fc.uint8Array({ minLength: 1, maxLength: 9 }) }),
+      fc.record({ kind: fc.constantFrom('take' as const, 'takeKept' as const, 'skip' as const), n: fc.nat(12) }),
+      fc.record({ kind: fc.constant('release' as const) }),
+    );
+    fc.assert(
+      fc.property(fc.array(op, { maxLength: 40 }), (ops) => {
+        const q = new ByteQueue();
+        const scratch = Buffer.alloc(64);
+        let scratchUsed = 0;
+        let model: number[] = [];
+        const kept: { got: Buffer; want: number[] }[] = [];
+        const release = () => {
+          q.release();
+          scratch.fill(0xee);
+          scratchUsed = 0;
+        };
+        for (const o of ops) {
+          if (o.kind === 'push') {
+            q.push(Buffer.from(o.data));
+            model.push(...o.data);
+          } else if (o.kind === 'lend') {
+            if (scratchUsed + o.data.length > scratch.length) release();
+            scratch.set(o.data, scratchUsed);
+            q.pushBorrowed(scratch.subarray(scratchUsed, scratchUsed + o.data.length));
+            scratchUsed += o.data.length;
+            model.push(...o.data);
+          } else if (o.kind === 'release') {
+            release();
+          } else if (o.kind === 'skip') {
+            model = model.slice(q.skip(o.n));
+          } else if (o.kind === 'take' || o.kind === 'takeKept') {
+            if (o.n > model.length) continue;
+            const got = o.kind === 'take' ? q.take(o.n) : q.takeKept(o.n);
+            const want = model.slice(0, o.n);
+            assert.deepEqual([...got], want);
+            if (o.kind === 'takeKept') kept.push({ got, want });
+            model = model.slice(o.n);
+          }
+          assert.equal(q.length, model.length);
+        }
+        release();
+        assert.deepEqual([...q.take(q.length)], model, 'what was left unread survived the scribbling');
+        for (const k of kept) assert.deepEqual([...k.got], k.want, 'kept bytes survived the scribbling');
+      }),
+      { numRuns: 500 },
+    );
+  });
+
+  test('contiguous() is false over a lent chunk: a kept payload must be copied', () => {
+    const q = new ByteQueue();
+    const lent = Buffer.from([1, 2, 3, 4]);
+    q.pushBorrowed(lent);
+    assert.equal(q.contiguous(2), false);
+    const kept = q.takeKept(2);
+    q.release();
+    lent.fill(0);
+    assert.deepEqual([...kept], [1, 2], 'kept bytes are a copy');
+    q.push(Buffer.from([5, 6]));
+    assert.equal(q.contiguous(2), true, 'released bytes are our own');
+    assert.deepEqual([...q.take(4)], [3, 4, 5, 6]);
+  });
 });

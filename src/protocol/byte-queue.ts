@@ -2,9 +2,16 @@
 // receiver): chunks are kept as they arrived and copied only when a field
 // spans two of them, so a write payload that came in one chunk is used in
 // place. Pure: the server pushes bytes, the parsers pull.
+//
+// A chunk may also be lent (pushBorrowed): memory the owner will reuse
+// once release() has run. Views that take() returns of it are valid until
+// then; what must outlive it is taken with takeKept(), and release()
+// copies out what is left unread.
 
 export class ByteQueue {
   #chunks: Buffer[] = [];
+  /** Parallel to #chunks: true for a lent chunk. */
+  #borrowed: boolean[] = [];
   #head = 0; // bytes already consumed from #chunks[0]
   #length = 0;
 
@@ -15,7 +22,30 @@ export class ByteQueue {
   push(chunk: Buffer): void {
     if (chunk.length === 0) return;
     this.#chunks.push(chunk);
+    this.#borrowed.push(false);
     this.#length += chunk.length;
+  }
+
+  /** Queue memory that is only lent until the next release(). */
+  pushBorrowed(chunk: Buffer): void {
+    if (chunk.length === 0) return;
+    this.#chunks.push(chunk);
+    this.#borrowed.push(true);
+    this.#length += chunk.length;
+  }
+
+  /** Copy the unread rest of lent chunks into memory of our own, so their owner may reuse them. */
+  release(): void {
+    for (let i = 0; i < this.#chunks.length; i++) {
+      if (!this.#borrowed[i]) continue;
+      const from = i === 0 ? this.#head : 0;
+      const chunk = this.#chunks[i]!;
+      const own = Buffer.allocUnsafe(chunk.length - from);
+      chunk.copy(own, 0, from);
+      this.#chunks[i] = own;
+      this.#borrowed[i] = false;
+      if (i === 0) this.#head = 0;
+    }
   }
 
   /** The next `n` bytes without consuming them; caller checks length first. */
@@ -40,10 +70,22 @@ export class ByteQueue {
     return this.#gather(n, true);
   }
 
-  /** True when the next `n` bytes lie in one received chunk (take() would not copy them). */
+  /**
+   * take(), for bytes kept past the next release(): in place only when
+   * they lie in one chunk of our own, else copied.
+   */
+  takeKept(n: number): Buffer {
+    if (this.#borrowed[0] === true) {
+      if (n > this.#length) throw new RangeError(`takeKept(${n}) with ${this.#length} buffered`);
+      return this.#gather(n, true);
+    }
+    return this.take(n);
+  }
+
+  /** True when the next `n` bytes lie in one chunk of our own (takeKept() would not copy them). */
   contiguous(n: number): boolean {
     const first = this.#chunks[0];
-    return first !== undefined && first.length - this.#head >= n;
+    return first !== undefined && this.#borrowed[0] === false && first.length - this.#head >= n;
   }
 
   /** Consume the next `out.length` bytes by copying them into `out`; caller checks length first. */
@@ -93,6 +135,7 @@ export class ByteQueue {
       }
       n -= left;
       this.#chunks.shift();
+      this.#borrowed.shift();
       this.#head = 0;
     }
   }

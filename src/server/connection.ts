@@ -123,16 +123,24 @@ export class Connection {
 
   start(): void {
     const socket = this.socket;
-    const received = (chunk: Buffer): void => {
-      // After we hang up, whatever the client still sends is dropped.
-      if (this.#closed) return;
-      this.#queue.push(chunk);
-      this.#pump();
-    };
     if (this.#reader !== undefined) {
-      this.#reader.sink = received;
+      this.#reader.sink = (chunk: Buffer) => {
+        // After we hang up, whatever the client still sends is dropped.
+        if (this.#closed) return;
+        this.#queue.pushBorrowed(chunk);
+        try {
+          this.#pump();
+        } finally {
+          // The reader reuses the chunk's memory for its next read.
+          this.#queue.release();
+        }
+      };
     } else {
-      socket.on('data', received);
+      socket.on('data', (chunk: Buffer) => {
+        if (this.#closed) return;
+        this.#queue.push(chunk);
+        this.#pump();
+      });
       socket.resume(); // the listener accepts paused (see socket-reader.ts)
     }
     socket.on('drain', () => this.#pump());

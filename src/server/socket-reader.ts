@@ -1,7 +1,7 @@
 // Socket reads into buffers we choose (net.Socket's `onread`), instead of
 // Node's default of a fresh 64 KiB buffer for every read:
-// - small reads (headers, options, small payloads) land in one reused
-//   staging buffer and are copied out at their exact size;
+// - reads land in one staging buffer, reused for every read: the sink must
+//   copy what it keeps before it returns (ByteQueue.pushBorrowed/release);
 // - a large write payload is read straight into the buffer it will be
 //   written from, so it is copied once (kernel to buffer), as a C server
 //   would do, with no chunks to allocate, gather and collect.
@@ -10,12 +10,6 @@ import net from 'node:net';
 
 /** Size of the staging buffer: one read takes at most this much. */
 const STAGING_BYTES = 64 * 1024;
-/**
- * Reads at least this long hand the staging buffer itself on (a new one
- * takes its place); shorter ones are copied out, so that a few bytes do not
- * pin 64 KiB.
- */
-const HAND_ON_MIN = 16 * 1024;
 
 interface DirectRead {
   buf: Buffer;
@@ -24,9 +18,12 @@ interface DirectRead {
 }
 
 export class SocketReader {
-  #staging = Buffer.allocUnsafeSlow(STAGING_BYTES);
+  readonly #staging = Buffer.allocUnsafeSlow(STAGING_BYTES);
   #direct: DirectRead | null = null;
-  /** Receives what arrived outside a direct read, as a buffer of its own. */
+  /**
+   * Receives what arrived outside a direct read. The chunk is lent: the
+   * next read overwrites it, so whatever the sink keeps it copies first.
+   */
   sink: (chunk: Buffer) => void = () => {};
 
   /** The socket's `onread` option. */
@@ -36,16 +33,7 @@ export class SocketReader {
     callback: (n: number, buf: Uint8Array): boolean => {
       const direct = this.#direct;
       if (direct === null || buf === this.#staging) {
-        const staging = this.#staging;
-        let chunk: Buffer;
-        if (n >= HAND_ON_MIN) {
-          chunk = staging.subarray(0, n);
-          this.#staging = Buffer.allocUnsafeSlow(STAGING_BYTES);
-        } else {
-          chunk = Buffer.allocUnsafe(n);
-          staging.copy(chunk, 0, 0, n);
-        }
-        this.sink(chunk);
+        this.sink(this.#staging.subarray(0, n));
         return true;
       }
       direct.filled += n;

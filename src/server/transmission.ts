@@ -207,7 +207,7 @@ export class Transmission {
           // busy samples in a 1 MiB sequential-write profile).
           const pooled = queue.contiguous(n) ? undefined : this.#limits.pool?.get(n);
           if (pooled !== undefined) this.#pooledPayloads.set(state.req, pooled);
-          const payload = pooled === undefined ? queue.take(n) : queue.takeInto(pooled);
+          const payload = pooled === undefined ? queue.takeKept(n) : queue.takeInto(pooled);
           this.#state = { name: 'header' };
           this.#dispatch(state.req, payload, state.start);
           break;
