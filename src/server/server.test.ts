@@ -214,6 +214,45 @@ describe('NbdServer on a Unix socket', () => {
     }
   });
 
+  for (const socketReader of [true, false]) {
+    test(`large and small pipelined writes arrive intact (${socketReader ? 'socket reader' : "'data' events"})`, t, async () => {
+      const node = new FakeNode(4 * 1024 * 1024);
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
+      const socketPath = path.join(dir, 'nbd.sock');
+      const server = new NbdServer({ exports: registryOf(makeExport({ name: 'a', node })), maxConnections: 0, persistent: true, handshakeLimitMs: 0, socketReader });
+      let client: RawClient | undefined;
+      try {
+        await server.listenUnix(socketPath);
+        client = await connect(socketPath);
+        await client.waitBytes(18);
+        client.socket.write(Buffer.concat([u32(3), optionBytes(NBD_OPT_GO, Buffer.concat([lstr('a'), u16(0)]))]));
+        await client.waitBytes(18 + 86);
+        const expected = Buffer.alloc(node.size);
+        const sizes = [300 * 1024, 4096, 1, 1024 * 1024 + 7, 65536, 512, 2 * 1024 * 1024 - 13, 100];
+        let offset = 0;
+        const stream: Buffer[] = [];
+        sizes.forEach((length, i) => {
+          const payload = Buffer.alloc(length);
+          for (let j = 0; j < length; j++) payload[j] = (j * 31 + i) & 0xff;
+          payload.copy(expected, offset);
+          stream.push(requestBytes({ type: NBD_CMD_WRITE, cookie: BigInt(i + 1), offset, length }), payload);
+          offset += length;
+        });
+        // In uneven pieces, so payloads straddle socket reads.
+        const all = Buffer.concat(stream);
+        for (let at = 0; at < all.length; at += 77_777) client.socket.write(all.subarray(at, at + 77_777));
+        await client.waitBytes(18 + 86 + 16 * sizes.length, 4000);
+        const replies = client.received().subarray(18 + 86);
+        for (let i = 0; i < sizes.length; i++) assert.equal(parseSimpleReply(replies.subarray(i * 16, i * 16 + 16)).error, 0);
+        assert.ok(node.data.equals(expected), 'every byte where it was written');
+      } finally {
+        client?.socket.destroy();
+        await server.close();
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  }
+
   test('listenUnix replaces a stale socket file', t, async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
     const socketPath = path.join(dir, 'nbd.sock');

@@ -44,6 +44,11 @@ export interface ServerOptions {
   log?: Logger;
   /** Clients waiting for a slot beyond which new ones are dropped. */
   maxWaiting?: number;
+  /**
+   * Read admitted sockets through a SocketReader (default true); false
+   * reads them from 'data' events, as when Node will not hand a socket over.
+   */
+  socketReader?: boolean;
 }
 
 export interface ServerEvents {
@@ -59,6 +64,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
   readonly handshakeLimitMs: number;
   readonly log: Logger;
   readonly #maxConnections: number;
+  readonly #socketReader: boolean;
   readonly #persistent: boolean;
   readonly #maxWaiting: number;
   readonly #listeners: net.Server[] = [];
@@ -80,6 +86,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     this.handshakeLimitMs = opts.handshakeLimitMs ?? 10_000;
     this.log = opts.log ?? silentLogger;
     this.#maxConnections = opts.maxConnections;
+    this.#socketReader = opts.socketReader ?? true;
     this.#persistent = opts.persistent;
     this.#maxWaiting = opts.maxWaiting ?? 1024;
   }
@@ -159,7 +166,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
 
   #admit(accepted: net.Socket, transport: Transport): void {
     const reader = new SocketReader();
-    const adopted = readThrough(accepted, reader);
+    const adopted = this.#socketReader ? readThrough(accepted, reader) : null;
     const socket = adopted ?? accepted;
     const conn = new Connection(this.#nextId++, socket, this, transport, adopted === null ? undefined : reader);
     this.#active.add(conn);
