@@ -221,11 +221,16 @@ export class Connection {
         readInto:
           this.#reader === undefined
             ? undefined
-            : (buf, filled, done) =>
-                this.#reader!.readInto(buf, filled, () => {
-                  // As with queued bytes: nothing that arrives after we hung up is acted on.
-                  if (!this.#closed) done();
-                }),
+            : (buf, filled, done, thenRead) =>
+                this.#reader!.readInto(
+                  buf,
+                  filled,
+                  () => {
+                    // As with queued bytes: nothing that arrives after we hung up is acted on.
+                    if (!this.#closed) done();
+                  },
+                  thenRead,
+                ),
         debug: (msg) => this.#debug(msg),
         debugging: owner.log.debugEnabled,
         warn: (msg, fields) => owner.log.warn(msg, { conn: this.id, ...fields }),

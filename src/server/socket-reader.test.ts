@@ -79,6 +79,37 @@ test('reads reach the sink in order, a direct read fills its buffer, and the res
   }
 });
 
+test('after a direct read, thenRead bounds the next read; later reads take what there is', { timeout: 10_000 }, async () => {
+  const { accepted, client, close } = await pair();
+  try {
+    const reader = new SocketReader();
+    const socket = readThrough(accepted, reader)!;
+    const sizes: number[] = [];
+    const got: Buffer[] = [];
+    let filled = false;
+    const target = Buffer.alloc(100_000);
+    // As the transmission does: a direct read is asked for from the sink.
+    reader.sink = (chunk) => {
+      if (sizes.length === 0) reader.readInto(target, 0, () => (filled = true), 28);
+      sizes.push(chunk.length);
+      got.push(Buffer.from(chunk));
+    };
+    client.write('hello');
+    while (sizes.length === 0) await new Promise((resolve) => setTimeout(resolve, 5));
+    const sent = crypto.randomBytes(100_000 + 5_000);
+    client.write(sent);
+    while (got.reduce((n, b) => n + b.length, 0) < 5 + 5_000) await new Promise((resolve) => setTimeout(resolve, 5));
+    assert.ok(filled);
+    assert.ok(target.equals(sent.subarray(0, 100_000)));
+    assert.equal(sizes[1], 28, 'the read after the direct one takes one header');
+    assert.ok(sizes.length >= 3 && sizes[2]! > 28, 'the next read is not bounded');
+    assert.ok(Buffer.concat(got).equals(Buffer.concat([Buffer.from('hello'), sent.subarray(100_000)])));
+    socket.destroy();
+  } finally {
+    close();
+  }
+});
+
 test('the adopted socket ends and closes when the client hangs up, and can write', { timeout: 10_000 }, async () => {
   const { accepted, client, close } = await pair();
   try {

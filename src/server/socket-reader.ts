@@ -15,11 +15,16 @@ interface DirectRead {
   buf: Buffer;
   filled: number;
   done: () => void;
+  thenRead: number;
 }
 
 export class SocketReader {
   readonly #staging = Buffer.allocUnsafeSlow(STAGING_BYTES);
   #direct: DirectRead | null = null;
+  /** Whether the buffer last handed to the socket was the direct target. */
+  #givenDirect = false;
+  /** When not 0, the next staging read takes at most this many bytes. */
+  #nextLimit = 0;
   /**
    * Receives what arrived outside a direct read. The chunk is lent: the
    * next read overwrites it, so whatever the sink keeps it copies first.
@@ -28,17 +33,26 @@ export class SocketReader {
 
   /** The socket's `onread` option. */
   readonly onread: net.OnReadOpts = {
-    buffer: () => (this.#direct === null ? this.#staging : this.#direct.buf.subarray(this.#direct.filled)),
-    // Returns true: the connection pauses the socket itself when it must.
-    callback: (n: number, buf: Uint8Array): boolean => {
+    buffer: () => {
       const direct = this.#direct;
-      if (direct === null || buf === this.#staging) {
+      this.#givenDirect = direct !== null;
+      if (direct !== null) return direct.buf.subarray(direct.filled);
+      if (this.#nextLimit === 0) return this.#staging;
+      const limited = this.#staging.subarray(0, this.#nextLimit);
+      this.#nextLimit = 0;
+      return limited;
+    },
+    // Returns true: the connection pauses the socket itself when it must.
+    callback: (n: number): boolean => {
+      const direct = this.#direct;
+      if (!this.#givenDirect || direct === null) {
         this.sink(this.#staging.subarray(0, n));
         return true;
       }
       direct.filled += n;
       if (direct.filled < direct.buf.length) return true;
       this.#direct = null;
+      this.#nextLimit = direct.thenRead;
       direct.done();
       return true;
     },
@@ -47,13 +61,17 @@ export class SocketReader {
   /**
    * Fill `buf` from its byte `filled` onwards with the next bytes the
    * socket brings, then call `done`; nothing reaches the sink meanwhile.
+   * `thenRead` (when not 0) bounds the read after that: a request header's
+   * length, so that a large payload behind it is not read into the staging
+   * buffer and copied, but read straight into its own buffer too.
    */
-  readInto(buf: Buffer, filled: number, done: () => void): void {
+  readInto(buf: Buffer, filled: number, done: () => void, thenRead = 0): void {
     if (filled >= buf.length) {
+      this.#nextLimit = thenRead;
       done();
       return;
     }
-    this.#direct = { buf, filled, done };
+    this.#direct = { buf, filled, done, thenRead };
   }
 }
 

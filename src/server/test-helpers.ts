@@ -192,7 +192,7 @@ export class FakeTransmissionHost implements TransmissionHost {
   readonly closedAfter: number[] = [];
   progressCalls = 0;
   onProgress: (() => void) | undefined;
-  readInto: ((buf: Buffer, filled: number, done: () => void) => void) | undefined;
+  readInto: ((buf: Buffer, filled: number, done: () => void, thenRead?: number) => void) | undefined;
   sendReply(parts: Buffer[], sent?: () => void): void {
     this.replies.push(Buffer.concat(parts.map((p) => Buffer.from(p))));
     // As if the bytes reached the kernel at once.

@@ -269,13 +269,14 @@ describe('Transmission', () => {
 
   test('the rest of a large write payload is read straight into its buffer; small ones wait in the queue', t, async () => {
     const s = setup();
-    const direct: { buf: Buffer; filled: number; done: () => void }[] = [];
-    s.host.readInto = (buf, filled, done) => direct.push({ buf, filled, done });
+    const direct: { buf: Buffer; filled: number; done: () => void; thenRead?: number }[] = [];
+    s.host.readInto = (buf, filled, done, thenRead) => direct.push({ buf, filled, done, thenRead });
     const payload = Buffer.alloc(200 * 1024);
     for (let i = 0; i < payload.length; i++) payload[i] = (i * 7) & 0xff;
     s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 1n, 4096, payload.length), payload.subarray(0, 10_000)]));
     assert.equal(direct.length, 1);
     assert.equal(direct[0]!.filled, 10_000);
+    assert.equal(direct[0]!.thenRead, 28, 'then one request header');
     assert.equal(direct[0]!.buf.length, payload.length);
     assert.ok(direct[0]!.buf.subarray(0, 10_000).equals(payload.subarray(0, 10_000)), 'what was queued is in the buffer');
     assert.equal(s.queue.length, 0);

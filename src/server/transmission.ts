@@ -86,7 +86,7 @@ export interface TransmissionHost {
    * then call `done` (see socket-reader.ts). Without it, payloads are
    * gathered from the queue.
    */
-  readInto?(buf: Buffer, filled: number, done: () => void): void;
+  readInto?(buf: Buffer, filled: number, done: () => void, thenRead?: number): void;
   debug(message: string): void;
   /** False when debug() discards its message: per-request lines are then not built. */
   readonly debugging?: boolean;
@@ -272,11 +272,18 @@ export class Transmission {
     const have = queue.length;
     queue.takeInto(payload.subarray(0, have));
     this.#state = { name: 'direct' };
-    this.#host.readInto!(payload, have, () => {
-      this.#state = { name: 'header' };
-      this.#dispatch(req, payload, start);
-      this.#host.progress();
-    });
+    // A large write is often followed by another: read only the next
+    // header first, so that the next payload is read into its own buffer too.
+    this.#host.readInto!(
+      payload,
+      have,
+      () => {
+        this.#state = { name: 'header' };
+        this.#dispatch(req, payload, start);
+        this.#host.progress();
+      },
+      REQUEST_HEADER_LENGTH,
+    );
   }
 
   #closeWhenIdle(): void {
