@@ -121,7 +121,8 @@ export class Connection {
     }
   }
 
-  start(): void {
+  /** `early`: what the client sent before it was admitted, parsed after the greeting. */
+  start(early: Buffer[] = []): void {
     const socket = this.socket;
     if (this.#reader !== undefined) {
       this.#reader.sink = (chunk: Buffer) => {
@@ -162,6 +163,10 @@ export class Connection {
       this.#handshakeTimer = setTimeout(() => this.close('handshake time limit reached', 'handshake_timeout'), this.#owner.handshakeLimitMs);
     }
     this.#write(this.#negotiation.greeting());
+    if (early.length > 0) {
+      for (const chunk of early) this.#queue.push(chunk);
+      this.#pump();
+    }
   }
 
   /** New requests get NBD_ESHUTDOWN; negotiating clients are dropped. */

@@ -48,7 +48,7 @@ function connect(socketPath: string): Promise<RawClient> {
 }
 
 async function withServer(
-  opts: { maxConnections: number; persistent: boolean },
+  opts: { maxConnections: number; persistent: boolean; socketReader?: boolean },
   body: (server: NbdServer, socketPath: string, clients: RawClient[]) => Promise<void>,
 ): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
@@ -58,6 +58,7 @@ async function withServer(
     maxConnections: opts.maxConnections,
     persistent: opts.persistent,
     handshakeLimitMs: 0,
+    socketReader: opts.socketReader,
   });
   const clients: RawClient[] = [];
   try {
@@ -104,6 +105,52 @@ describe('NbdServer on a Unix socket', () => {
       await sleep(50);
       first.socket.end();
       assert.equal((await third.waitBytes(18)).toString('hex'), GREETING);
+    });
+  });
+
+  for (const socketReader of [true, false]) {
+    const how = socketReader ? 'socket reader' : "'data' events";
+    test(`a waiting client that gives up leaves the queue at once (${how})`, t, async () => {
+      await withServer({ maxConnections: 1, persistent: true, socketReader }, async (server, socketPath, clients) => {
+        const first = await connect(socketPath);
+        const quitter = await connect(socketPath);
+        clients.push(first, quitter);
+        await first.waitBytes(18);
+        await waitFor(() => server.waiting === 1, 2000, 'one client waiting');
+        quitter.socket.destroy();
+        await waitFor(() => server.waiting === 0, 2000, 'the quitter gone from the queue');
+      });
+    });
+
+    test(`what a waiting client sends before its greeting is parsed once it is admitted (${how})`, t, async () => {
+      await withServer({ maxConnections: 1, persistent: true, socketReader }, async (server, socketPath, clients) => {
+        const first = await connect(socketPath);
+        const eager = await connect(socketPath);
+        clients.push(first, eager);
+        await first.waitBytes(18);
+        await waitFor(() => server.waiting === 1, 2000, 'one client waiting');
+        // Flags and NBD_OPT_GO before any greeting (a client that does not wait for it).
+        eager.socket.write(Buffer.concat([u32(3), optionBytes(NBD_OPT_GO, Buffer.concat([lstr('a'), u16(0)]))]));
+        await sleep(50);
+        assert.equal(eager.received().length, 0, 'no greeting while waiting');
+        first.socket.end();
+        const got = await eager.waitBytes(18 + 86);
+        assert.equal(got.subarray(0, 18).toString('hex'), GREETING);
+        assert.deepEqual(parseOptionReplies(got.subarray(18, 18 + 86)).map((r) => r.type), [3, 3, 1]);
+      });
+    });
+  }
+
+  test('a waiting client that sends more than 64 KiB before its greeting is dropped', t, async () => {
+    await withServer({ maxConnections: 1, persistent: true }, async (server, socketPath, clients) => {
+      const first = await connect(socketPath);
+      const flood = await connect(socketPath);
+      clients.push(first, flood);
+      await first.waitBytes(18);
+      await waitFor(() => server.waiting === 1, 2000, 'one client waiting');
+      flood.socket.write(Buffer.alloc(100 * 1024));
+      await Promise.race([flood.closed, sleep(2000).then(() => assert.fail('the flooding client was not dropped'))]);
+      assert.equal(server.waiting, 0);
     });
   });
 

@@ -27,6 +27,20 @@ const SHUTDOWN_GRACE_MS = 200;
 /** Idle read buffers kept for reuse. */
 const POOL_RETAINED = 32 * 1024 * 1024;
 
+/** Bytes a waiting client may send before its greeting; more, and it is dropped. */
+const MAX_EARLY_BYTES = 64 * 1024;
+
+/** An accepted client: admitted at once, or waiting for a slot. */
+interface Waiting {
+  socket: net.Socket;
+  /** Set when the socket reads through it. */
+  reader: SocketReader | undefined;
+  transport: Transport;
+  /** What it sent while it waited (a well-behaved client sends nothing before the greeting). */
+  early: Buffer[];
+  earlyBytes: number;
+}
+
 export interface ServerOptions {
   exports: ExportRegistry;
   /** Clients served at once; 0 = unlimited (qemu-nbd's -e). */
@@ -69,7 +83,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
   readonly #maxWaiting: number;
   readonly #listeners: net.Server[] = [];
   readonly #active = new Set<Connection>();
-  readonly #waiting: net.Socket[] = [];
+  readonly #waiting: Waiting[] = [];
   #nextId = 1;
   #served = 0;
   #closing = false;
@@ -146,36 +160,54 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
       socket.destroy();
       return;
     }
-    if (this.#maxConnections === 0 || this.#active.size < this.#maxConnections) {
-      this.#admit(socket, transport);
-      return;
-    }
-    if (this.#waiting.length >= this.#maxWaiting) {
+    const free = this.#maxConnections === 0 || this.#active.size < this.#maxConnections;
+    if (!free && this.#waiting.length >= this.#maxWaiting) {
       this.log.warn('too many clients waiting for a connection slot; dropping one');
       if (channels.refused.hasSubscribers) channels.refused.publish({ conn: undefined, reason: 'limit' });
       socket.destroy();
       return;
     }
+    // The listener accepts paused: the socket is handed to a SocketReader
+    // before anything is read from it.
+    const reader = this.#socketReader ? new SocketReader() : undefined;
+    const adopted = reader === undefined ? null : readThrough(socket, reader);
+    const client: Waiting = { socket: adopted ?? socket, reader: adopted === null ? undefined : reader, transport, early: [], earlyBytes: 0 };
+    if (free) {
+      this.#admit(client);
+      return;
+    }
     this.log.debug(`connection limit ${this.#maxConnections} reached; client waits`);
-    this.#waiting.push(socket);
-    socket.once('close', () => {
-      const i = this.#waiting.indexOf(socket);
+    // A waiting client is read, so that one that gives up is noticed and
+    // leaves the queue; what it sends before its greeting is kept, within reason.
+    const early = (chunk: Buffer): void => {
+      client.early.push(Buffer.from(chunk));
+      client.earlyBytes += chunk.length;
+      if (client.earlyBytes > MAX_EARLY_BYTES) client.socket.destroy();
+    };
+    if (client.reader !== undefined) client.reader.sink = early;
+    else {
+      client.socket.on('data', early);
+      client.socket.resume();
+    }
+    client.socket.on('error', () => {});
+    this.#waiting.push(client);
+    client.socket.once('close', () => {
+      const i = this.#waiting.indexOf(client);
       if (i >= 0) this.#waiting.splice(i, 1);
     });
   }
 
-  #admit(accepted: net.Socket, transport: Transport): void {
-    const reader = new SocketReader();
-    const adopted = this.#socketReader ? readThrough(accepted, reader) : null;
-    const socket = adopted ?? accepted;
-    const conn = new Connection(this.#nextId++, socket, this, transport, adopted === null ? undefined : reader);
+  #admit(client: Waiting): void {
+    const { socket, transport } = client;
+    socket.removeAllListeners('data');
+    const conn = new Connection(this.#nextId++, socket, this, transport, client.reader);
     this.#active.add(conn);
     this.#served++;
     if (this.log.infoEnabled) {
       const from = transport === 'unix' ? 'a unix socket' : `${socket.remoteAddress}:${socket.remotePort}`;
       this.log.info(`accepted from ${from}`, { conn: conn.id, transport, remote: transport === 'tcp' ? from : undefined });
     }
-    conn.start();
+    conn.start(client.early);
   }
 
   connectionClosed(conn: Connection): void {
@@ -189,7 +221,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     }
     while (this.#waiting.length > 0 && (this.#maxConnections === 0 || this.#active.size < this.#maxConnections)) {
       const next = this.#waiting.shift()!;
-      if (!next.destroyed) this.#admit(next, next.remoteAddress === undefined ? 'unix' : 'tcp');
+      if (!next.socket.destroyed) this.#admit(next);
     }
   }
 
@@ -239,7 +271,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
   async close(timeoutMs = 0): Promise<void> {
     this.#closing = true;
     const closed = this.#listeners.map((l) => new Promise<void>((resolve) => l.close(() => resolve())));
-    for (const socket of this.#waiting.splice(0)) socket.destroy();
+    for (const client of this.#waiting.splice(0)) client.socket.destroy();
     for (const conn of this.#active) conn.shutdown();
     const deadline = Date.now() + timeoutMs;
     while ([...this.#active].some((c) => c.inflight > 0) && Date.now() < deadline) {
