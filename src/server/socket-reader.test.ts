@@ -110,6 +110,32 @@ test('after a direct read, thenRead bounds the next read; later reads take what 
   }
 });
 
+test('a direct read asked for between reads takes the next bytes, even those already bound for the staging buffer', { timeout: 10_000 }, async () => {
+  // As when a write waited for the memory budget: the socket had been given
+  // the staging buffer for its next read before the direct read was asked for.
+  const { accepted, client, close } = await pair();
+  try {
+    const reader = new SocketReader();
+    const socket = readThrough(accepted, reader)!;
+    const got: Buffer[] = [];
+    reader.sink = (chunk) => got.push(Buffer.from(chunk));
+    client.write('abc');
+    while (got.length === 0) await new Promise((resolve) => setTimeout(resolve, 5));
+    const target = Buffer.alloc(1000);
+    let filled = false;
+    reader.readInto(target, 0, () => (filled = true));
+    const sent = crypto.randomBytes(1010);
+    client.write(sent);
+    while (got.reduce((n, b) => n + b.length, 0) < 3 + 10) await new Promise((resolve) => setTimeout(resolve, 5));
+    assert.ok(filled);
+    assert.ok(target.equals(sent.subarray(0, 1000)), 'the payload is the next 1000 bytes');
+    assert.ok(Buffer.concat(got).equals(Buffer.concat([Buffer.from('abc'), sent.subarray(1000)])), 'and only what follows it reaches the sink');
+    socket.destroy();
+  } finally {
+    close();
+  }
+});
+
 test('the adopted socket ends and closes when the client hangs up, and can write', { timeout: 10_000 }, async () => {
   const { accepted, client, close } = await pair();
   try {

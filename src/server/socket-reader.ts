@@ -45,15 +45,24 @@ export class SocketReader {
     // Returns true: the connection pauses the socket itself when it must.
     callback: (n: number): boolean => {
       const direct = this.#direct;
-      if (!this.#givenDirect || direct === null) {
+      if (direct === null) {
         this.sink(this.#staging.subarray(0, n));
         return true;
       }
-      direct.filled += n;
+      let used = n;
+      if (!this.#givenDirect) {
+        // The direct read was asked for after the staging buffer had been
+        // handed out (a write that waited for the memory budget): these
+        // bytes come first in the payload, and only what follows it is not.
+        used = Math.min(n, direct.buf.length - direct.filled);
+        this.#staging.copy(direct.buf, direct.filled, 0, used);
+      }
+      direct.filled += used;
       if (direct.filled < direct.buf.length) return true;
       this.#direct = null;
       this.#nextLimit = direct.thenRead;
       direct.done();
+      if (used < n) this.sink(this.#staging.subarray(used, n));
       return true;
     },
   };
