@@ -6,6 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import { readThrough, SocketReader } from './socket-reader.ts';
+import { waitFor } from './test-helpers.ts';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-reader-'));
 after(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -30,12 +31,26 @@ async function pair(): Promise<{ accepted: net.Socket; client: net.Socket; close
   };
 }
 
-test('reads reach the sink in order, a direct read fills its buffer, and the rest follows', { timeout: 20_000 }, async () => {
+/** pair(), with the accepted socket handed to a SocketReader; close() also destroys it. */
+async function readerPair(): Promise<{ reader: SocketReader; socket: net.Socket; client: net.Socket; close: () => void }> {
   const { accepted, client, close } = await pair();
+  const reader = new SocketReader();
+  const socket = readThrough(accepted, reader);
+  assert.ok(socket !== null, 'this Node hands the connection over');
+  return {
+    reader,
+    socket,
+    client,
+    close: () => {
+      socket.destroy();
+      close();
+    },
+  };
+}
+
+test('reads reach the sink in order, a direct read fills its buffer, and the rest follows', { timeout: 20_000 }, async () => {
+  const { reader, client, close } = await readerPair();
   try {
-    const reader = new SocketReader();
-    const socket = readThrough(accepted, reader);
-    assert.ok(socket !== null, 'this Node hands the connection over');
     const sent = crypto.randomBytes(3 * 1024 * 1024 + 12345);
     const chunks: Buffer[] = [];
     let got = 0;
@@ -73,17 +88,14 @@ test('reads reach the sink in order, a direct read fills its buffer, and the res
     await done;
     assert.equal(sinkDuringDirect, 0, 'nothing reaches the sink while a direct read is under way');
     assert.ok(Buffer.concat(chunks).equals(sent), 'every byte, in order');
-    socket.destroy();
   } finally {
     close();
   }
 });
 
 test('after a direct read, thenRead bounds the next read; later reads take what there is', { timeout: 10_000 }, async () => {
-  const { accepted, client, close } = await pair();
+  const { reader, client, close } = await readerPair();
   try {
-    const reader = new SocketReader();
-    const socket = readThrough(accepted, reader)!;
     const sizes: number[] = [];
     const got: Buffer[] = [];
     let filled = false;
@@ -95,16 +107,15 @@ test('after a direct read, thenRead bounds the next read; later reads take what 
       got.push(Buffer.from(chunk));
     };
     client.write('hello');
-    while (sizes.length === 0) await new Promise((resolve) => setTimeout(resolve, 5));
+    await waitFor(() => sizes.length > 0, 2000, 'the first read');
     const sent = crypto.randomBytes(100_000 + 5_000);
     client.write(sent);
-    while (got.reduce((n, b) => n + b.length, 0) < 5 + 5_000) await new Promise((resolve) => setTimeout(resolve, 5));
+    await waitFor(() => got.reduce((n, b) => n + b.length, 0) >= 5 + 5_000, 2000, 'every byte');
     assert.ok(filled);
     assert.ok(target.equals(sent.subarray(0, 100_000)));
     assert.equal(sizes[1], 28, 'the read after the direct one takes one header');
     assert.ok(sizes.length >= 3 && sizes[2]! > 28, 'the next read is not bounded');
     assert.ok(Buffer.concat(got).equals(Buffer.concat([Buffer.from('hello'), sent.subarray(100_000)])));
-    socket.destroy();
   } finally {
     close();
   }
@@ -113,34 +124,29 @@ test('after a direct read, thenRead bounds the next read; later reads take what 
 test('a direct read asked for between reads takes the next bytes, even those already bound for the staging buffer', { timeout: 10_000 }, async () => {
   // As when a write waited for the memory budget: the socket had been given
   // the staging buffer for its next read before the direct read was asked for.
-  const { accepted, client, close } = await pair();
+  const { reader, client, close } = await readerPair();
   try {
-    const reader = new SocketReader();
-    const socket = readThrough(accepted, reader)!;
     const got: Buffer[] = [];
     reader.sink = (chunk) => got.push(Buffer.from(chunk));
     client.write('abc');
-    while (got.length === 0) await new Promise((resolve) => setTimeout(resolve, 5));
+    await waitFor(() => got.length > 0, 2000, 'the first read');
     const target = Buffer.alloc(1000);
     let filled = false;
     reader.readInto(target, 0, () => (filled = true));
     const sent = crypto.randomBytes(1010);
     client.write(sent);
-    while (got.reduce((n, b) => n + b.length, 0) < 3 + 10) await new Promise((resolve) => setTimeout(resolve, 5));
+    await waitFor(() => got.reduce((n, b) => n + b.length, 0) >= 3 + 10, 2000, 'every byte');
     assert.ok(filled);
     assert.ok(target.equals(sent.subarray(0, 1000)), 'the payload is the next 1000 bytes');
     assert.ok(Buffer.concat(got).equals(Buffer.concat([Buffer.from('abc'), sent.subarray(1000)])), 'and only what follows it reaches the sink');
-    socket.destroy();
   } finally {
     close();
   }
 });
 
 test('the adopted socket ends and closes when the client hangs up, and can write', { timeout: 10_000 }, async () => {
-  const { accepted, client, close } = await pair();
+  const { reader, socket, client, close } = await readerPair();
   try {
-    const reader = new SocketReader();
-    const socket = readThrough(accepted, reader)!;
     const received: Buffer[] = [];
     reader.sink = (chunk) => received.push(Buffer.from(chunk));
     const ended = new Promise<void>((resolve) => socket.once('end', resolve));
@@ -159,23 +165,20 @@ test('the adopted socket ends and closes when the client hangs up, and can write
 });
 
 test('pause() stops reads into the reader and resume() starts them again', { timeout: 10_000 }, async () => {
-  const { accepted, client, close } = await pair();
+  const { reader, socket, client, close } = await readerPair();
   try {
-    const reader = new SocketReader();
-    const socket = readThrough(accepted, reader)!;
     let got = 0;
     reader.sink = (chunk) => {
       got += chunk.length;
     };
     client.write(Buffer.alloc(1000));
-    while (got < 1000) await new Promise((resolve) => setTimeout(resolve, 5));
+    await waitFor(() => got >= 1000, 2000, 'the first 1000 bytes');
     socket.pause();
     client.write(Buffer.alloc(1000));
     await new Promise((resolve) => setTimeout(resolve, 100));
     assert.equal(got, 1000, 'nothing read while paused');
     socket.resume();
-    while (got < 2000) await new Promise((resolve) => setTimeout(resolve, 5));
-    socket.destroy();
+    await waitFor(() => got >= 2000, 2000, 'the rest after resume()');
   } finally {
     close();
   }
