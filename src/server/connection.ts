@@ -55,6 +55,8 @@ export class Connection {
   #transmission: Transmission | null = null;
   #session: Session | null = null;
   #closed = false;
+  /** The client has shut down its sending side (see 'end' in start()). */
+  #ended = false;
   #handshakeTimer: NodeJS.Timeout | undefined;
   #lingerTimer: NodeJS.Timeout | undefined;
   #replies: Buffer[] = [];
@@ -149,7 +151,13 @@ export class Connection {
       this.#debug(`socket error: ${err.message}`);
       this.#setCause('socket_error', `socket error: ${err.message}`);
     });
-    socket.on('end', () => this.close('client closed the connection', 'client'));
+    socket.on('end', () => {
+      // A client may shut down its side after its last request (with or
+      // without NBD_CMD_DISC) and still read the replies, as qemu-nbd lets
+      // it: the connection closes once nothing it asked for is in flight.
+      this.#ended = true;
+      this.#pump();
+    });
     socket.on('close', () => {
       this.#closed = true;
       clearTimeout(this.#handshakeTimer);
@@ -367,6 +375,10 @@ export class Connection {
     }
     if (this.#transmission !== null && !this.#closed) this.#transmission.feed(this.#queue);
     if (this.#closed) return;
+    if (this.#ended && (this.#transmission === null || this.#transmission.inflight === 0)) {
+      this.close('client closed the connection', 'client');
+      return;
+    }
     // Stop reading while we are saturated or the client does not read replies.
     const hold = this.#repliesBacklogged || (this.#transmission?.saturated ?? false);
     if (hold) this.socket.pause();

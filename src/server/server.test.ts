@@ -4,7 +4,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
-import { NBD_CMD_DISC, NBD_CMD_READ, NBD_CMD_WRITE, NBD_OPT_GO } from '../protocol/constants.ts';
+import { NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE, NBD_OPT_GO } from '../protocol/constants.ts';
 import { lstr, requestBytes, u16, u32 } from '../protocol/test-helpers.ts';
 import { OBSERVE_DONE, subscribe } from './events.ts';
 import { NbdServer } from './server.ts';
@@ -396,4 +396,50 @@ describe('NbdServer on a Unix socket', () => {
     }
     assert.equal(server.observing(), 0, 'nobody listens any more');
   });
+});
+
+describe('a client that shuts down its side', () => {
+  for (const disc of [true, false]) {
+    test(`still gets the replies to what it sent (${disc ? 'with' : 'without'} NBD_CMD_DISC), then the server closes`, t, async () => {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
+      const socketPath = path.join(dir, 'nbd.sock');
+      const node = new FakeNode(1024 * 1024);
+      node.fill(4096, Buffer.from('half-open'));
+      // Slow storage: the client's FIN arrives long before the replies are ready.
+      node.before = async () => {
+        await sleep(100);
+      };
+      const server = new NbdServer({ exports: registryOf(makeExport({ name: 'a', node })), maxConnections: 0, persistent: true, handshakeLimitMs: 0 });
+      const clients: RawClient[] = [];
+      try {
+        await server.listenUnix(socketPath);
+        const c = await connect(socketPath);
+        clients.push(c);
+        await c.waitBytes(18);
+        c.socket.write(Buffer.concat([u32(3), optionBytes(NBD_OPT_GO, Buffer.concat([lstr('a'), u16(0)]))]));
+        await c.waitBytes(18 + 86);
+        const requests = [requestBytes({ type: NBD_CMD_FLUSH, cookie: 1n, offset: 0, length: 0 }), requestBytes({ type: NBD_CMD_READ, cookie: 2n, offset: 4096, length: 9 })];
+        if (disc) requests.push(requestBytes({ type: NBD_CMD_DISC, cookie: 3n, offset: 0, length: 0 }));
+        c.socket.end(Buffer.concat(requests));
+        await c.closed;
+        const replies = c.received().subarray(18 + 86);
+        assert.equal(replies.length, 16 + 16 + 9, 'both replies, whole');
+        const byCookie = new Map<bigint, Buffer>();
+        for (let at = 0; at < replies.length; ) {
+          const cookie = replies.readBigUInt64BE(at + 8);
+          assert.equal(replies.readUInt32BE(at + 4), 0);
+          const length = cookie === 2n ? 9 : 0;
+          byCookie.set(cookie, replies.subarray(at + 16, at + 16 + length));
+          at += 16 + length;
+        }
+        assert.deepEqual([...byCookie.keys()].sort(), [1n, 2n]);
+        assert.equal(byCookie.get(2n)!.toString(), 'half-open');
+        await waitFor(() => server.connections.size === 0, 2000, 'the connection closed');
+      } finally {
+        for (const c of clients) c.socket.destroy();
+        await server.close();
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  }
 });

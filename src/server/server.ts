@@ -39,6 +39,8 @@ interface Waiting {
   /** What it sent while it waited (a well-behaved client sends nothing before the greeting). */
   early: Buffer[];
   earlyBytes: number;
+  /** Its 'end' listener while it waits. */
+  gaveUp?: () => void;
 }
 
 export interface ServerOptions {
@@ -142,7 +144,8 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
 
   #makeListener(tcp: boolean): net.Server {
     // Paused, so that an admitted socket can be handed to a SocketReader before it reads.
-    const server = net.createServer({ pauseOnConnect: true, noDelay: tcp }, (socket) => this.#accept(socket));
+    // Half-open: a client that shuts down its side still gets its replies (see Connection).
+    const server = net.createServer({ pauseOnConnect: true, noDelay: tcp, allowHalfOpen: true }, (socket) => this.#accept(socket));
     // Errors before listening are the caller's to report (port in use...).
     server.on('error', (err) => {
       if (server.listening) this.log.error(`listener: ${err.message}`);
@@ -190,6 +193,9 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
       client.socket.resume();
     }
     client.socket.on('error', () => {});
+    // One that shuts down its side before it is admitted has given up.
+    client.gaveUp = () => client.socket.destroy();
+    client.socket.on('end', client.gaveUp);
     this.#waiting.push(client);
     client.socket.once('close', () => {
       const i = this.#waiting.indexOf(client);
@@ -200,6 +206,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
   #admit(client: Waiting): void {
     const { socket, transport } = client;
     socket.removeAllListeners('data');
+    if (client.gaveUp !== undefined) socket.off('end', client.gaveUp);
     const conn = new Connection(this.#nextId++, socket, this, transport, client.reader);
     this.#active.add(conn);
     this.#served++;

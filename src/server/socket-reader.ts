@@ -96,7 +96,7 @@ export function readThrough(socket: net.Socket, reader: SocketReader): net.Socke
   const holder = socket as unknown as { _handle: unknown };
   const handle = holder._handle;
   if (handle === null || handle === undefined || socket.destroyed) return null;
-  const adopted = new net.Socket({ handle, readable: true, writable: true, allowHalfOpen: false, onread: reader.onread } as net.SocketConstructorOpts);
+  const adopted = new net.Socket({ handle, readable: true, writable: true, allowHalfOpen: socket.allowHalfOpen, onread: reader.onread } as net.SocketConstructorOpts);
   holder._handle = null;
   socket.destroy();
   return adopted;
