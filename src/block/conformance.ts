@@ -3,6 +3,7 @@
 // borders, concurrency, flush and FUA, trim and zeroes, extents, and a
 // property test against a plain Buffer model.
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import { describe, test } from 'node:test';
 import fc from 'fast-check';
 import type { BlockNode, Extent } from './types.ts';
@@ -324,6 +325,14 @@ export function runConformance(name: string, makeNode: MakeNode, opts: Conforman
                 case 'read': {
                   const got = await node.read(o.offset, len);
                   assert.ok(got.equals(model.subarray(o.offset, end)), `read [${o.offset}, +${len})`);
+                  // Where the node offers the file's own bytes instead, they are the same bytes.
+                  const slice = node.fileSlice?.(o.offset, len) ?? null;
+                  if (slice !== null) {
+                    const bytes = Buffer.alloc(len);
+                    assert.equal(fs.readSync(slice.fd, bytes, 0, len, slice.position), len);
+                    slice.release();
+                    assert.ok(bytes.equals(model.subarray(o.offset, end)), `file slice of [${o.offset}, +${len})`);
+                  }
                   break;
                 }
                 case 'extents': {

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { pattern, runConformance } from './conformance.ts';
 import { DIRECT_ALIGN, FileNode } from './file.ts';
-import { fallocate, seek, SEEK_DATA, setFfiEnabled } from './ffi.ts';
+import { cachedFully, fallocate, filesystemType, seek, SEEK_DATA, setFfiEnabled, TMPFS_MAGIC } from './ffi.ts';
 import { openBlockNode } from './open.ts';
 import { BlockError } from './types.ts';
 
@@ -344,5 +344,93 @@ describe('FileNode', () => {
     await assert.rejects(b.write(0, Buffer.from([1])), (e: BlockError) => e.code === 'EPERM');
     await b.close();
     await assert.rejects(openBlockNode({ kind: 'file', path: path.join(dir, 'nope') }), (e: BlockError) => e.code === 'ENOENT');
+  });
+});
+
+describe('FileNode.fileSlice', () => {
+  const KiB = 1024;
+  /** Skips unless this kernel has cachestat (fileSlice is then always null). */
+  function needCachestat(ctx: { skip(reason: string): void }, p: string): boolean {
+    const fd = fs.openSync(p, 'r');
+    try {
+      if (cachedFully(fd, 0, 1) !== null) return true;
+    } finally {
+      fs.closeSync(fd);
+    }
+    ctx.skip('no cachestat(2) on this kernel');
+    return false;
+  }
+  function bytesOf(slice: { fd: number; position: number; length: number }): Buffer {
+    const out = Buffer.alloc(slice.length);
+    assert.equal(fs.readSync(slice.fd, out, 0, slice.length, slice.position), slice.length);
+    return out;
+  }
+
+  test('on a disk filesystem: only where a scan saw data, never over a hole or a trimmed range', t, async (ctx) => {
+    const p = tempFile(1024 * KiB, Buffer.alloc(1000, 0xaa));
+    if (!needCachestat(ctx, p)) return;
+    await withFile(FileNode.open({ path: p, offset: 1000, discard: 'unmap' }), async (node) => {
+      const fd = fs.openSync(p, 'r');
+      const tmpfs = filesystemType(fd) === TMPFS_MAGIC;
+      fs.closeSync(fd);
+      if (tmpfs) return ctx.skip('the temporary directory is on tmpfs');
+      // Written past both ends of the slice below, so that the 64 KiB chunks it touches are all data.
+      const written = pattern(384 * KiB, 7);
+      await node.write(0, written);
+      const data = written.subarray(64 * KiB, 320 * KiB);
+      assert.equal(node.fileSlice(64 * KiB, 256 * KiB), null, 'no scan has seen the range as data yet');
+      assert.ok((await node.read(64 * KiB, 256 * KiB)).equals(data)); // the read scans, and marks what it saw
+      const slice = node.fileSlice(64 * KiB, 256 * KiB);
+      assert.ok(slice !== null);
+      assert.equal(slice.position, 1000 + 64 * KiB, 'file coordinates: -o is added');
+      assert.ok(bytesOf(slice).equals(data));
+      slice.release();
+      await node.read(512 * KiB, 64 * KiB);
+      assert.equal(node.fileSlice(512 * KiB, 64 * KiB), null, 'a hole is never a slice (it is sent as a hole)');
+      await node.trim(128 * KiB, 64 * KiB);
+      assert.equal(node.fileSlice(64 * KiB, 256 * KiB), null, 'trim forgets the range');
+    });
+  });
+
+  test('on tmpfs: the page cache is the file, so a range with a hole is not a slice', t, async (ctx) => {
+    if (shmDir === undefined) return ctx.skip('no /dev/shm');
+    const p = path.join(shmDir, `img-${counter++}`);
+    fs.writeFileSync(p, Buffer.alloc(0));
+    fs.truncateSync(p, 1024 * KiB);
+    if (!needCachestat(ctx, p)) return;
+    await withFile(FileNode.open({ path: p }), async (node) => {
+      assert.equal(node.fileSlice(0, 64 * KiB), null);
+      const data = pattern(128 * KiB, 3);
+      await node.write(0, data);
+      const slice = node.fileSlice(0, 128 * KiB);
+      assert.ok(slice !== null, 'written data on tmpfs needs no scan');
+      assert.ok(bytesOf(slice).equals(data));
+      slice.release();
+      assert.equal(node.fileSlice(0, 192 * KiB), null, 'the last 64 KiB is a hole');
+    });
+    fs.rmSync(p);
+  });
+
+  test('close waits until every slice is released; O_DIRECT and closed nodes give none', t, async (ctx) => {
+    const p = tempFile(256 * KiB);
+    if (!needCachestat(ctx, p)) return;
+    const node = await FileNode.open({ path: p });
+    await node.write(0, pattern(256 * KiB, 1));
+    await node.read(0, 256 * KiB);
+    const slice = node.fileSlice(0, 128 * KiB);
+    assert.ok(slice !== null);
+    let closed = false;
+    const closing = node.close().then(() => (closed = true));
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.equal(closed, false, 'the fd must outlive the slice');
+    assert.ok(bytesOf(slice).equals(pattern(128 * KiB, 1)), 'and still reads the file');
+    assert.equal(node.fileSlice(0, 64 * KiB), null, 'a closing node hands out no more');
+    slice.release();
+    slice.release(); // twice is harmless
+    await closing;
+    await withFile(FileNode.open({ path: p, direct: true }), async (direct) => {
+      await direct.read(0, 256 * KiB);
+      assert.equal(direct.fileSlice(0, 128 * KiB), null, 'O_DIRECT reads bypass the page cache');
+    });
   });
 });

@@ -33,10 +33,11 @@ import {
   preadNowait,
   RAMFS_MAGIC,
   TMPFS_MAGIC,
+  cachedFully,
 } from './ffi.ts';
 import { DataMap } from './data-map.ts';
 import { RangeLock } from './range-lock.ts';
-import type { BlockCapabilities, BlockNode, DiscardMode, Extent, WriteOptions, ZeroOptions } from './types.ts';
+import type { BlockCapabilities, BlockNode, DiscardMode, Extent, FileSlice, WriteOptions, ZeroOptions } from './types.ts';
 import { BlockError } from './types.ts';
 
 /** Alignment of O_DIRECT transfers (offset, length, memory). */
@@ -151,6 +152,9 @@ export class FileNode implements BlockNode {
   /** How small buffered I/O may skip the thread pool (see FastIo). */
   #fastIo: FastIo;
   #closing: Promise<void> | undefined;
+  /** File slices handed out and not yet released: the fd stays open for them. */
+  #slices = 0;
+  #slicesReleased: (() => void) | undefined;
 
   private constructor(init: {
     path: string;
@@ -370,6 +374,32 @@ export class FileNode implements BlockNode {
     } catch (err) {
       throw toBlockError(err);
     }
+  }
+
+  /**
+   * The file range a read would copy, when that read would be a plain copy
+   * of memory: buffered I/O, no hole or unwritten extent in the range (the
+   * data map on disk filesystems; on tmpfs a hole has no page, which the
+   * cache check sees), and every page in the page cache, so that whoever
+   * sends it never waits for a disk.
+   */
+  fileSlice(offset: number, length: number): FileSlice | null {
+    if (this.#closing !== undefined || this.direct || length === 0) return null;
+    const p = this.#base + offset;
+    if (this.#dataMap !== null ? !this.#dataMap.covers(p, p + length) : this.#fastIo !== 'memory' && !this.isBlockDevice) return null;
+    if (cachedFully(this.#fd, p, length) !== true) return null;
+    this.#slices++;
+    let released = false;
+    return {
+      fd: this.#fd,
+      position: p,
+      length,
+      release: () => {
+        if (released) return;
+        released = true;
+        if (--this.#slices === 0) this.#slicesReleased?.();
+      },
+    };
   }
 
   /**
@@ -596,6 +626,8 @@ export class FileNode implements BlockNode {
       try {
         if (this.capabilities.writable) await fdatasync(this.#fd);
       } finally {
+        // Not before every slice is released: its fd number could be reused by then.
+        if (this.#slices > 0) await new Promise<void>((resolve) => (this.#slicesReleased = resolve));
         if (this.#tailFd !== null) await closeFd(this.#tailFd).catch(() => {});
         await closeFd(this.#fd);
       }

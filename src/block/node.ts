@@ -14,6 +14,7 @@ import type {
   DetectZeroesMode,
   DiscardMode,
   Extent,
+  FileSlice,
   WriteOptions,
   ZeroOptions,
 } from './types.ts';
@@ -96,6 +97,10 @@ export class ForwardingNode implements BlockNode {
 
   read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     return this.inner.read(offset, length, into);
+  }
+
+  fileSlice(offset: number, length: number): FileSlice | null {
+    return this.inner.fileSlice?.(offset, length) ?? null;
   }
 
   write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
@@ -192,6 +197,12 @@ export class CheckedNode implements BlockNode {
     }
     if (length === 0) return into?.subarray(0, 0) ?? Buffer.alloc(0);
     return this.#call(() => this.#inner.read(offset, length, into));
+  }
+
+  fileSlice(offset: number, length: number): FileSlice | null {
+    if (this.#closed || length === 0 || this.#inner.fileSlice === undefined) return null;
+    this.#check(offset, length);
+    return this.#inner.fileSlice(offset, length);
   }
 
   async write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {

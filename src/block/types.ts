@@ -93,8 +93,28 @@ export interface BlockNode {
    * raw file is for qemu, holes included).
    */
   allocationDepth?(offset: number, length: number, maxRuns?: number): Promise<DepthRun[]>;
+  /**
+   * Where the bytes a read of [offset, offset+length) would return lie in
+   * an open file, for a caller that moves them without copying them through
+   * its own memory (sendfile). Optional, and null whenever reading that
+   * file range is not exactly a read of the node (a hole to report, data
+   * that is not in memory, O_DIRECT): the caller then calls read(). The
+   * bytes are those of the file when the caller takes them, which may be
+   * after writes that resolve later; the fd stays open until release().
+   */
+  fileSlice?(offset: number, length: number): FileSlice | null;
   /** Flush (when writable) and release resources. Idempotent. */
   close(): Promise<void>;
+}
+
+/** A range of an open file (see BlockNode.fileSlice). */
+export interface FileSlice {
+  readonly fd: number;
+  /** File offset of the first byte. */
+  readonly position: number;
+  readonly length: number;
+  /** The caller is done with fd; call once. */
+  release(): void;
 }
 
 /** How the host page cache is used (qemu's -t/--cache). none/directsync open with O_DIRECT. */

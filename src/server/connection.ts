@@ -12,6 +12,7 @@ import { MAX_OPTIONS_KEPT, Negotiation, type Session } from './negotiation.ts';
 import { Transmission, type TransmissionLimits } from './transmission.ts';
 import type { Logger } from './log.ts';
 import type { SocketReader } from './socket-reader.ts';
+import { ReplyWriter, type ReplyPart } from './reply-writer.ts';
 
 /** Unread option replies at which a negotiating client stops being read. */
 const NEGOTIATION_REPLY_BACKLOG = 256 * 1024;
@@ -59,7 +60,8 @@ export class Connection {
   #ended = false;
   #handshakeTimer: NodeJS.Timeout | undefined;
   #lingerTimer: NodeJS.Timeout | undefined;
-  #replies: Buffer[] = [];
+  readonly #writer: ReplyWriter;
+  #replies: ReplyPart[] = [];
   /** Run when the queued replies are written (they return budget bytes). */
   #sentCallbacks: (() => void)[] = [];
   #flushScheduled = false;
@@ -82,6 +84,7 @@ export class Connection {
     this.#reader = reader;
     this.transport = transport;
     this.#owner = owner;
+    this.#writer = new ReplyWriter(socket);
     this.#negotiation = new Negotiation({
       exports: owner.exports,
       send: (buf) => this.#write(buf),
@@ -93,6 +96,11 @@ export class Connection {
 
   get session(): Session | null {
     return this.#session;
+  }
+
+  /** Read reply bytes that went by sendfile. */
+  get bytesByFile(): number {
+    return this.#writer.bytesByFile;
   }
 
   /** Requests still running against the node. */
@@ -163,6 +171,7 @@ export class Connection {
       clearTimeout(this.#handshakeTimer);
       // A pending timer would keep this whole connection reachable until it fires.
       clearTimeout(this.#lingerTimer);
+      this.#writer.dropAll();
       if (this.#owner.log.infoEnabled) this.#logClose();
       this.#owner.connectionClosed(this);
     });
@@ -198,8 +207,10 @@ export class Connection {
     // Let queued replies reach the client, then release the socket.
     this.#flushReplies();
     this.#queue.skip(this.#queue.length);
-    this.socket.end();
-    this.socket.destroySoon();
+    this.#writer.whenIdle(() => {
+      this.socket.end();
+      this.socket.destroySoon();
+    });
     // A client that never reads would keep the socket (and our replies) forever.
     this.#lingerTimer = setTimeout(() => this.socket.destroy(), CLOSE_LINGER_MS);
     this.#lingerTimer.unref();
@@ -216,12 +227,13 @@ export class Connection {
   }
 
   #write(buf: Buffer): void {
-    if (!this.#closed) this.socket.write(buf);
+    if (!this.#closed) this.#writer.write([buf]);
   }
 
   #enterTransmission(session: Session): void {
     clearTimeout(this.#handshakeTimer);
     this.#session = session;
+    if (this.transport === 'unix') this.#writer.widenUnixSendBuffer();
     if (this.#owner.log.infoEnabled) this.#logHandshake(session);
     this.#owner.negotiated?.(this, session);
     const owner = this.#owner;
@@ -229,6 +241,7 @@ export class Connection {
       {
         id: this.id,
         sendReply: (parts, sent) => this.#queueReply(parts, sent),
+        sendsFiles: this.#writer.sendsFiles,
         close: (reason, cause) => this.close(reason, cause),
         progress: () => this.#pump(),
         readInto:
@@ -314,7 +327,7 @@ export class Connection {
    * they are queued here and flushed corked from setImmediate, after the
    * loop has delivered every completion that was ready.
    */
-  #queueReply(parts: Buffer[], sent?: () => void): void {
+  #queueReply(parts: ReplyPart[], sent?: () => void): void {
     // A reply to a client that has gone is dropped, not an error.
     if (this.#closed || this.socket.destroyed) {
       sent?.();
@@ -338,14 +351,7 @@ export class Connection {
       for (const cb of callbacks) cb();
       return;
     }
-    const parts = coalesceSmall(replies);
-    this.socket.cork();
-    for (let i = 0; i < parts.length - 1; i++) this.socket.write(parts[i]!);
-    // The write callback runs when the batch is with the kernel, or with an error when the socket dies.
-    this.socket.write(parts[parts.length - 1]!, callbacks.length === 0 ? undefined : () => {
-      for (const cb of callbacks) cb();
-    });
-    this.socket.uncork();
+    this.#writer.write(replies, callbacks);
     if (this.#repliesBacklogged) this.#pump();
   };
 
@@ -359,7 +365,7 @@ export class Connection {
     // more memory than their bytes, and a client that pipelines options and
     // reads nothing owes us no patience: hold it at a small backlog.
     const bound = this.#transmission === null ? NEGOTIATION_REPLY_BACKLOG : this.#owner.limits.maxInflightBytes;
-    return this.socket.writableLength >= bound;
+    return this.#writer.backlog >= bound;
   }
 
   #pump(): void {
@@ -384,35 +390,4 @@ export class Connection {
     if (hold) this.socket.pause();
     else if (this.socket.isPaused()) this.socket.resume();
   }
-}
-
-/** Parts at least this long are written as they are; smaller ones are copied together. */
-const COALESCE_BELOW = 16 * 1024;
-
-/**
- * Runs of small reply parts (headers, error and block-status chunks) become
- * one buffer: a client that never reads could otherwise pin millions of tiny
- * buffers in the socket's queue, each costing far more than its bytes.
- */
-export function coalesceSmall(parts: Buffer[]): Buffer[] {
-  const out: Buffer[] = [];
-  let run: Buffer[] = [];
-  let runBytes = 0;
-  const endRun = (): void => {
-    if (run.length === 1) out.push(run[0]!);
-    else if (run.length > 1) out.push(Buffer.concat(run, runBytes));
-    run = [];
-    runBytes = 0;
-  };
-  for (const part of parts) {
-    if (part.length >= COALESCE_BELOW) {
-      endRun();
-      out.push(part);
-    } else {
-      run.push(part);
-      runBytes += part.length;
-    }
-  }
-  endRun();
-  return out;
 }

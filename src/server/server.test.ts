@@ -4,11 +4,23 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
-import { NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE, NBD_OPT_GO } from '../protocol/constants.ts';
+import crypto from 'node:crypto';
+import {
+  NBD_CMD_DISC,
+  NBD_CMD_FLUSH,
+  NBD_CMD_READ,
+  NBD_CMD_WRITE,
+  NBD_OPT_GO,
+  NBD_OPT_STRUCTURED_REPLY,
+  NBD_REP_ACK,
+  NBD_REPLY_TYPE_OFFSET_DATA,
+} from '../protocol/constants.ts';
+import type { FileSlice } from '../exports/export.ts';
 import { lstr, requestBytes, u16, u32 } from '../protocol/test-helpers.ts';
 import { OBSERVE_DONE, subscribe } from './events.ts';
 import { NbdServer } from './server.ts';
-import { FakeNode, makeExport, optionBytes, parseOptionReplies, parseSimpleReply, registryOf, waitFor } from './test-helpers.ts';
+import { FakeNode, makeExport, optionBytes, parseChunks, parseOptionReplies, parseSimpleReply, registryOf, waitFor } from './test-helpers.ts';
+import { sendfileAvailable } from './sendfile.ts';
 
 const t = { timeout: 5_000 };
 const GREETING = '4e42444d4147494349484156454f50540003';
@@ -396,6 +408,124 @@ describe('NbdServer on a Unix socket', () => {
     }
     assert.equal(server.observing(), 0, 'nobody listens any more');
   });
+});
+
+/** A FakeNode whose bytes are also in a file, which it offers as file slices (as FileNode does for cached data). */
+class SlicingNode extends FakeNode {
+  readonly fd: number;
+  slices = 0;
+  released = 0;
+  constructor(file: string, size: number) {
+    super(size);
+    this.fill(0, crypto.randomBytes(size));
+    fs.writeFileSync(file, this.data);
+    this.fd = fs.openSync(file, 'r');
+  }
+  fileSlice(offset: number, length: number): FileSlice {
+    this.slices++;
+    let done = false;
+    return {
+      fd: this.fd,
+      position: offset,
+      length,
+      release: () => {
+        assert.equal(done, false, 'released once');
+        done = true;
+        this.released++;
+      },
+    };
+  }
+}
+
+/** Read replies from `buf` (after negotiation): cookie -> data, for simple or structured replies of known lengths. */
+function readReplies(buf: Buffer, lengths: Map<bigint, number>, structured: boolean): Map<bigint, Buffer> {
+  const out = new Map<bigint, Buffer>();
+  let at = 0;
+  while (at < buf.length) {
+    if (structured) {
+      const [chunk] = parseChunks(buf.subarray(at, at + 20 + buf.readUInt32BE(at + 16)));
+      assert.equal(chunk!.type, NBD_REPLY_TYPE_OFFSET_DATA, 'one data chunk per read');
+      out.set(chunk!.cookie, chunk!.payload.subarray(8));
+      at += 20 + chunk!.payload.length;
+    } else {
+      const cookie = buf.readBigUInt64BE(at + 8);
+      const length = lengths.get(cookie)!;
+      const reply = parseSimpleReply(buf.subarray(at, at + 16 + length));
+      assert.equal(reply.error, 0);
+      out.set(cookie, reply.data);
+      at += 16 + length;
+    }
+  }
+  return out;
+}
+
+describe('large reads by sendfile', () => {
+  for (const structured of [false, true]) {
+    test(`${structured ? 'structured' : 'simple'} replies carry the file's bytes; small reads stay buffers`, t, async (ctx) => {
+      if (!sendfileAvailable()) return ctx.skip('sendfile through koffi is not available here');
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
+      const socketPath = path.join(dir, 'nbd.sock');
+      const node = new SlicingNode(path.join(dir, 'img'), 8 * 1024 * 1024);
+      const server = new NbdServer({ exports: registryOf(makeExport({ name: 'a', node })), maxConnections: 0, persistent: true, handshakeLimitMs: 0 });
+      const clients: RawClient[] = [];
+      try {
+        await server.listenUnix(socketPath);
+        const negotiate = async (): Promise<{ c: RawClient; base: number }> => {
+          const c = await connect(socketPath);
+          clients.push(c);
+          await c.waitBytes(18);
+          const opts = [u32(3)];
+          if (structured) opts.push(optionBytes(NBD_OPT_STRUCTURED_REPLY));
+          opts.push(optionBytes(NBD_OPT_GO, Buffer.concat([lstr('a'), u16(0)])));
+          c.socket.write(Buffer.concat(opts));
+          // Option replies end with GO's ACK.
+          for (;;) {
+            const got = c.received().subarray(18);
+            try {
+              const replies = parseOptionReplies(got);
+              const last = replies[replies.length - 1];
+              if (last?.option === NBD_OPT_GO && last.type === NBD_REP_ACK) return { c, base: 18 + got.length };
+            } catch {
+              // torn: more is coming
+            }
+            await sleep(5);
+          }
+        };
+        const { c, base } = await negotiate();
+        const reads = [
+          { cookie: 1n, offset: 0, length: 1024 * 1024 },
+          { cookie: 2n, offset: 12345, length: 4096 },
+          { cookie: 3n, offset: 3 * 1024 * 1024 + 7, length: 300 * 1024 },
+          { cookie: 4n, offset: 5 * 1024 * 1024, length: 3 * 1024 * 1024 },
+        ];
+        c.socket.write(Buffer.concat(reads.map((r) => requestBytes({ type: NBD_CMD_READ, ...r }))));
+        const total = reads.reduce((n, r) => n + r.length + (structured ? 28 : 16), 0);
+        const replies = readReplies((await c.waitBytes(base + total, 4000)).subarray(base), new Map(reads.map((r) => [r.cookie, r.length])), structured);
+        for (const r of reads) assert.ok(replies.get(r.cookie)!.equals(node.data.subarray(r.offset, r.offset + r.length)), `read ${r.cookie}`);
+        assert.equal(node.slices, 3, 'the three reads of 64 KiB or more were slices');
+        await waitFor(() => node.released === 3, 2000, 'every slice released');
+        const conn = [...server.connections][0]!;
+        assert.ok(conn.bytesByFile > 4 * 1024 * 1024, 'and went by sendfile');
+
+        // A client that asks for 16 MiB and hangs up unread: every slice is released, and others are served.
+        const { c: quitter } = await negotiate();
+        for (let i = 0; i < 16; i++) quitter.socket.write(requestBytes({ type: NBD_CMD_READ, cookie: BigInt(i), offset: (i % 8) * 1024 * 1024, length: 1024 * 1024 }));
+        await waitFor(() => node.slices >= 4, 2000, 'the quitter is served');
+        quitter.socket.destroy();
+        await quitter.closed;
+        await waitFor(() => node.released === node.slices && server.connections.size === 1, 4000, 'the quitter released its slices');
+        const before = c.received().length;
+        c.socket.write(requestBytes({ type: NBD_CMD_READ, cookie: 9n, offset: 1024, length: 128 * 1024 }));
+        const again = readReplies((await c.waitBytes(before + 128 * 1024 + (structured ? 28 : 16))).subarray(before), new Map([[9n, 128 * 1024]]), structured);
+        assert.ok(again.get(9n)!.equals(node.data.subarray(1024, 1024 + 128 * 1024)));
+      } finally {
+        for (const c of clients) c.socket.destroy();
+        await server.close();
+        fs.closeSync(node.fd);
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  }
 });
 
 describe('a client that shuts down its side', () => {

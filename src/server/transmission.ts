@@ -44,6 +44,8 @@ import { exportFlags } from './flags.ts';
 import type { ByteBudget } from './budget.ts';
 import type { BufferPool } from './buffer-pool.ts';
 import type { Session } from './negotiation.ts';
+import type { FileSlice } from '../exports/export.ts';
+import type { ReplyPart } from './reply-writer.ts';
 
 export interface TransmissionLimits {
   /** Parsing pauses once this many payload/reply bytes are in flight on one connection. */
@@ -66,6 +68,13 @@ export const DEFAULT_LIMITS: TransmissionLimits = {
 /** Write payloads at least this long that have not all arrived are read straight into their buffer. */
 const DIRECT_READ_MIN = 64 * 1024;
 
+/**
+ * Reads at least this long are sent from the file (sendfile) when the node
+ * can say where their bytes lie: below it, a read is a small copy and its
+ * reply joins the batch's one writev.
+ */
+const FILE_SLICE_MIN = 64 * 1024;
+
 /** "NBD_CMD_BLOCK_STATUS": SHOULD NOT send more than 2^20 descriptors per chunk. */
 const MAX_DESCRIPTORS = 1 << 20;
 
@@ -76,7 +85,9 @@ export interface TransmissionHost {
    * Write one whole reply; the parts go out corked, back to back. `sent`
    * runs once the bytes are with the kernel, or the reply was dropped.
    */
-  sendReply(parts: Buffer[], sent?: () => void): void;
+  sendReply(parts: ReplyPart[], sent?: () => void): void;
+  /** sendReply() takes file slices (large reads then go by sendfile); else parts are Buffers. */
+  readonly sendsFiles?: boolean;
   /** Framing lost ('protocol_error') or NBD_CMD_DISC done ('disc'). */
   close(reason: string, cause: 'protocol_error' | 'disc'): void;
   /** Work drained: the connection may feed again. */
@@ -128,6 +139,8 @@ export class Transmission {
   #shuttingDown = false;
   /** Pooled read buffers, returned to the pool when their reply is written. */
   readonly #pooled = new WeakMap<Request, Buffer>();
+  /** File slices of read replies, released when their reply is written. */
+  readonly #slices = new WeakMap<Request, FileSlice>();
   /** Pooled write payloads, returned to the pool once their write has succeeded. */
   readonly #pooledPayloads = new WeakMap<Request, Buffer>();
   /** Resumes parsing once the shared budget has room again. */
@@ -333,6 +346,7 @@ export class Transmission {
                 if (held > 0) budget!.give(held);
                 const pooled = this.#pooled.get(req);
                 if (pooled !== undefined) this.#limits.pool!.release(pooled);
+                this.#slices.get(req)?.release();
                 if (this.#state.name !== 'disconnecting') this.#host.progress();
               }
             : undefined;
@@ -343,7 +357,7 @@ export class Transmission {
   }
 
   /** Run one validated request; resolves with its whole reply, rejects with the storage error. */
-  async #run(req: Request, payload: Buffer | undefined): Promise<Buffer[]> {
+  async #run(req: Request, payload: Buffer | undefined): Promise<ReplyPart[]> {
     const node = this.#session.export.node;
     const fua = (req.flags & NBD_CMD_FLAG_FUA) !== 0;
     switch (req.type) {
@@ -417,11 +431,20 @@ export class Transmission {
     this.#host.sendReply(this.#errorReply(req, error, message));
   }
 
-  async #read(req: Request): Promise<Buffer[]> {
+  async #read(req: Request): Promise<ReplyPart[]> {
     const node = this.#session.export.node;
     const { offset, length, cookie } = req;
     if (length === 0) {
       return [this.#session.structuredReplies ? encodeChunkNone(cookie) : encodeSimpleReply(cookie, 0)];
+    }
+    // Data straight from the page cache: one data chunk, as qemu-nbd sends
+    // data (a hole would have made the node say no; zero bytes that are
+    // data go as data).
+    const slice = length >= FILE_SLICE_MIN && this.#host.sendsFiles === true ? (node.fileSlice?.(offset, length) ?? null) : null;
+    if (slice !== null) {
+      this.#slices.set(req, slice);
+      const header = this.#session.structuredReplies ? encodeChunkOffsetDataHeader(cookie, true, offset, length) : encodeSimpleReply(cookie, 0);
+      return [header, slice];
     }
     const pooled = this.#limits.pool?.get(length);
     const data = await node.read(offset, length, pooled);
