@@ -211,7 +211,9 @@ export class Connection {
       this.socket.end();
       this.socket.destroySoon();
     });
-    // A client that never reads would keep the socket (and our replies) forever.
+    // A client that never reads would keep the socket (and our replies)
+    // forever; with nothing left to write, the shutdown completes by itself.
+    if (this.#writer.backlog === 0) return;
     this.#lingerTimer = setTimeout(() => this.socket.destroy(), CLOSE_LINGER_MS);
     this.#lingerTimer.unref();
   }
@@ -233,7 +235,7 @@ export class Connection {
   #enterTransmission(session: Session): void {
     clearTimeout(this.#handshakeTimer);
     this.#session = session;
-    if (this.transport === 'unix') this.#writer.widenUnixSendBuffer();
+    if (this.transport === 'unix') this.#writer.widenSendBufferForSlices();
     if (this.#owner.log.infoEnabled) this.#logHandshake(session);
     this.#owner.negotiated?.(this, session);
     const owner = this.#owner;

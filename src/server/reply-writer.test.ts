@@ -92,7 +92,7 @@ async function writesInOrder(viaSendfile: boolean): Promise<void> {
     client.pause();
     const writer = new ReplyWriter(server);
     assert.equal(writer.sendsFiles, viaSendfile);
-    writer.widenUnixSendBuffer();
+    writer.widenSendBufferForSlices();
     const { batches: all, expected } = batches();
     const received = collect(client);
     let done = 0;

@@ -16,7 +16,7 @@ export type ReplyPart = Buffer | FileSlice;
 /** Parts at least this long are written as they are; smaller ones are copied together. */
 const COALESCE_BELOW = 16 * 1024;
 
-/** SO_SNDBUF asked for on Unix sockets in transmission (see widenUnixSendBuffer). */
+/** SO_SNDBUF asked for on Unix sockets that send slices (see widenSendBufferForSlices). */
 const UNIX_SEND_BUFFER = 4 * 1024 * 1024;
 
 const EPIPE = 32;
@@ -52,27 +52,30 @@ export class ReplyWriter {
   #held = 0;
   #onIdle: (() => void) | undefined;
   #bytesByFile = 0;
+  /** Set SO_SNDBUF at the next slice (see widenSendBufferForSlices). */
+  #widen = false;
 
   constructor(socket: Socket) {
     this.#socket = socket;
     this.#fd = sendfileAvailable() ? socketFd(socket) : -1;
   }
 
-  /**
-   * A larger send buffer for a Unix socket entering transmission. Linux
-   * gives a Unix socket 208 KiB (net.core.wmem_default) and never grows it,
-   * so a reader of 1 MiB replies stalled the sender five times per reply;
-   * 4 MiB (capped by net.core.wmem_max) made sequential reads 1.45x and
-   * nbdcopy 1.25-1.5x faster on this machine. TCP grows its buffer itself,
-   * and setting one would switch that off.
-   */
-  widenUnixSendBuffer(): void {
-    if (this.#fd >= 0) setSendBuffer(this.#fd, UNIX_SEND_BUFFER);
-  }
-
   /** Whether slices go by sendfile (else they are read, which works but gains nothing). */
   get sendsFiles(): boolean {
     return this.#fd >= 0;
+  }
+
+  /**
+   * Give this (Unix) socket a larger send buffer before its first slice.
+   * Linux gives a Unix socket 208 KiB (net.core.wmem_default) and never
+   * grows it, so a reader of 1 MiB replies stalled the sender five times
+   * per reply; 4 MiB (capped by net.core.wmem_max) made sequential reads
+   * 1.45x and nbdcopy 1.25-1.5x faster on this machine. TCP grows its
+   * buffer itself, and setting one would switch that off. Asked for at the
+   * first slice, so that short connections do not pay the syscall.
+   */
+  widenSendBufferForSlices(): void {
+    this.#widen = true;
   }
 
   /** Bytes sendfile has moved (the rest of each slice was read and written). */
@@ -197,6 +200,10 @@ export class ReplyWriter {
     // Nothing may be queued in Node when sendfile writes; every write goes
     // through this class, so only a write that bypassed it could be.
     if (this.#fd >= 0 && this.#socket.writableLength === 0) {
+      if (this.#widen) {
+        this.#widen = false;
+        setSendBuffer(this.#fd, UNIX_SEND_BUFFER);
+      }
       while (b.sent < slice.length) {
         const n = sendFile(this.#fd, slice.fd, slice.position + b.sent, slice.length - b.sent);
         if (n === 'again') {

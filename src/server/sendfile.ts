@@ -71,6 +71,7 @@ export function sendFile(socketFd: number, fileFd: number, position: number, len
 }
 
 const SOL_SOCKET = 1;
+const optionWord = new Int32Array(1);
 const SO_SNDBUF = 7;
 
 /**
@@ -80,7 +81,6 @@ const SO_SNDBUF = 7;
 export function setSendBuffer(socketFd: number, bytes: number): boolean {
   const l = load();
   if (l === null) return false;
-  const value = Buffer.alloc(4);
-  value.writeInt32LE(bytes);
-  return Number(l.setsockopt(socketFd, SOL_SOCKET, SO_SNDBUF, value, 4)) === 0;
+  optionWord[0] = bytes;
+  return Number(l.setsockopt(socketFd, SOL_SOCKET, SO_SNDBUF, optionWord, 4)) === 0;
 }
