@@ -32,8 +32,9 @@ interface Batch {
   readonly done: (() => void)[];
 }
 
-/** The fd under a net.Socket, or -1 (no handle, or not a file descriptor). */
+/** The fd under a net.Socket, or -1 (no handle, not a file descriptor, or TLS: its bytes are not the file's). */
 function socketFd(socket: Socket): number {
+  if ((socket as { encrypted?: boolean }).encrypted === true) return -1;
   const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
   return typeof fd === 'number' && fd >= 0 ? fd : -1;
 }
