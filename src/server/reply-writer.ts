@@ -98,8 +98,8 @@ export class ReplyWriter {
       for (const cb of done) cb();
       return;
     }
-    if (this.#batches.length === 0 && parts.every((p) => Buffer.isBuffer(p))) {
-      this.#writeBuffers(parts as Buffer[], done);
+    if (this.#batches.length === 0 && allBuffers(parts)) {
+      this.#writeBuffers(parts, done);
       return;
     }
     for (const part of parts) this.#held += part.length;
@@ -260,6 +260,12 @@ export class ReplyWriter {
     }
     return buf;
   }
+}
+
+/** True when no part is a slice (the common batch: one check per part, no closure per batch). */
+function allBuffers(parts: ReplyPart[]): parts is Buffer[] {
+  for (const part of parts) if (!Buffer.isBuffer(part)) return false;
+  return true;
 }
 
 /**
