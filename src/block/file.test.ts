@@ -434,3 +434,50 @@ describe('FileNode.fileSlice', () => {
     });
   });
 });
+
+describe('writeNow (small writes on the caller\'s thread)', () => {
+  test('FileNode: on tmpfs only, small and without FUA; the buffer may be reused at once', t, async (ctx) => {
+    if (shmDir === undefined) return ctx.skip('no /dev/shm');
+    const p = path.join(shmDir, `img-${counter++}`);
+    fs.writeFileSync(p, Buffer.alloc(0));
+    fs.truncateSync(p, 1024 * 1024);
+    await withFile(FileNode.open({ path: p }), async (node) => {
+      const data = pattern(4096, 9);
+      assert.equal(node.writeNow(8192, data), true);
+      data.fill(0); // the write is done: the caller's buffer is free
+      assert.ok((await node.read(8192, 4096)).equals(pattern(4096, 9)));
+      assert.equal(node.writeNow(0, data, { fua: true }), false, 'FUA needs a flush');
+      assert.equal(node.writeNow(0, Buffer.alloc(256 * 1024)), false, 'large writes go to the pool');
+    });
+    fs.rmSync(p);
+    const disk = tempFile(64 * 1024);
+    const fd = fs.openSync(disk, 'r');
+    const onTmpfs = filesystemType(fd) === TMPFS_MAGIC;
+    fs.closeSync(fd);
+    if (!onTmpfs) {
+      await withFile(FileNode.open({ path: disk }), async (node) => {
+        assert.equal(node.writeNow(0, Buffer.alloc(512, 1)), false, 'a disk file may block: never on the event loop');
+      });
+    }
+  });
+
+  test('CheckedNode passes it through only for a plain write; everything else takes write()', t, async (ctx) => {
+    if (shmDir === undefined) return ctx.skip('no /dev/shm');
+    const p = path.join(shmDir, `img-${counter++}`);
+    fs.writeFileSync(p, Buffer.alloc(0));
+    fs.truncateSync(p, 64 * 1024);
+    const plain = await openBlockNode({ kind: 'file', path: p, format: 'raw' });
+    assert.equal(plain.writeNow!(0, Buffer.from('abcd')), true);
+    assert.equal(plain.writeNow!(64 * 1024 - 2, Buffer.from('abcd')), false, 'past the end: write() reports ENOSPC');
+    assert.equal(plain.writeNow!(0, Buffer.alloc(0)), false);
+    await plain.close();
+    assert.equal(plain.writeNow!(0, Buffer.from('abcd')), false, 'closed');
+    for (const opts of [{ readOnly: true }, { detectZeroes: 'on' as const }, { cache: 'writethrough' as const }]) {
+      const node = await openBlockNode({ kind: 'file', path: p, format: 'raw', ...opts });
+      assert.equal(node.writeNow!(0, Buffer.from('wxyz')), false, JSON.stringify(opts));
+      await node.close();
+    }
+    assert.equal(fs.readFileSync(p).subarray(0, 4).toString(), 'abcd');
+    fs.rmSync(p);
+  });
+});

@@ -440,6 +440,17 @@ export class FileNode implements BlockNode {
     }
   }
 
+  /** The synchronous case of write(): small, buffered, on tmpfs, no FUA (see #write). */
+  writeNow(offset: number, data: Buffer, opts: WriteOptions = {}): boolean {
+    if (this.#closing !== undefined || this.direct || this.#fastIo !== 'memory' || data.length > FAST_IO_MAX || opts.fua === true) return false;
+    try {
+      this.#writeNow(data, this.#base + offset);
+    } catch (err) {
+      throw toBlockError(err);
+    }
+    return true;
+  }
+
   /** Write data at file position p (no FUA). */
   async #write(p: number, data: Buffer): Promise<void> {
     if (!this.direct) {

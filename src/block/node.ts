@@ -205,6 +205,18 @@ export class CheckedNode implements BlockNode {
     return this.#inner.fileSlice(offset, length);
   }
 
+  writeNow(offset: number, data: Buffer, opts?: WriteOptions): boolean {
+    // Anything write() would refuse, or turn into more than one plain
+    // write, takes the async path (which reports the error).
+    if (this.#closed || this.readOnly || data.length === 0 || this.detectZeroes !== 'off' || this.#fua(opts)) return false;
+    if (this.#inner.writeNow === undefined || !Number.isSafeInteger(offset) || offset < 0 || offset + data.length > this.size) return false;
+    try {
+      return this.#inner.writeNow(offset, data, { fua: false });
+    } catch (err) {
+      throw toBlockError(err);
+    }
+  }
+
   async write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
     this.#check(offset, data.length, 'ENOSPC');
     this.#checkWritable();

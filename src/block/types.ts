@@ -73,6 +73,15 @@ export interface BlockNode {
   /** Read `length` bytes at `offset` into a new or supplied buffer. */
   read(offset: number, length: number, into?: Buffer): Promise<Buffer>;
   write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void>;
+  /**
+   * Optional: write on this thread, before returning, when this node can do
+   * so without waiting (a small write into a memory-backed file); then
+   * `data` need not outlive the call. Returns false, having done nothing,
+   * when it cannot: the caller then calls write(). Throws as write()
+   * rejects. A node that changes writes (tracking, guards) must not
+   * inherit this from the node it wraps.
+   */
+  writeNow?(offset: number, data: Buffer, opts?: WriteOptions): boolean;
   flush(): Promise<void>;
   /** Discard a range; afterwards it reads as zeroes or as before (advisory). */
   trim(offset: number, length: number, opts?: WriteOptions): Promise<void>;

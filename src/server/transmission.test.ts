@@ -28,7 +28,9 @@ import { ByteQueue } from '../protocol/byte-queue.ts';
 import { hex, requestBytes, toHex } from '../protocol/test-helpers.ts';
 import type { Export } from '../exports/export.ts';
 import { OBSERVE_DONE, OBSERVE_START, type BackendError, type RequestEvent } from './events.ts';
-import { Transmission, type TransmissionLimits } from './transmission.ts';
+import { Transmission, DEFAULT_LIMITS, type TransmissionLimits } from './transmission.ts';
+import { ByteBudget } from './budget.ts';
+import type { WriteOptions } from '../block/types.ts';
 import {
   deferred,
   FakeNode,
@@ -613,4 +615,60 @@ describe('Transmission', () => {
     assert.deepEqual(errors.map((e) => [e.export, e.command, e.errno, e.error, e.message]), [['e', NBD_CMD_FLUSH, 'EIO', NBD_EIO, 'bad disk']]);
     assert.deepEqual(s.host.closed, ['client sent NBD_CMD_DISC']);
   });
+});
+
+/** A node that writes small payloads on the caller's thread (BlockNode.writeNow), as a tmpfs file does. */
+class SyncWriteNode extends FakeNode {
+  readonly now: number[] = [];
+  writeNow(offset: number, data: Buffer, opts?: WriteOptions): boolean {
+    if (opts?.fua === true) return false; // FUA needs a flush: the async path
+    if (offset === 4096) throw new BlockError('ENOSPC', 'disk full');
+    this.now.push(offset);
+    this.fill(offset, data);
+    return true;
+  }
+}
+
+describe('Transmission: writes done on the spot (BlockNode.writeNow)', () => {
+  for (const mode of ['whole', 'bytewise'] as const) {
+    test(`small writes are written from the socket's bytes and answered at once; FUA and large ones take the async path (fed ${mode})`, t, async () => {
+      const node = new SyncWriteNode(MiB);
+      const budget = new ByteBudget(8 * MiB);
+      const s = setup({ spec: { node }, limits: { ...DEFAULT_LIMITS, budget } });
+      // Fed a byte at a time, the payloads stay small (each byte is a feed).
+      const small = Buffer.alloc(mode === 'whole' ? 60 * 1024 : 3000, 0x11);
+      const large = Buffer.alloc(64 * 1024, 0x22);
+      s.feed(
+        Buffer.concat([
+          rq(NBD_CMD_WRITE, 1n, 0, 4),
+          Buffer.from('abcd'),
+          rq(NBD_CMD_WRITE, 2n, 8192, small.length),
+          small,
+          rq(NBD_CMD_WRITE, 3n, 4096, 4),
+          Buffer.from('full'),
+          rq(NBD_CMD_WRITE, 4n, 100, 4, NBD_CMD_FLAG_FUA),
+          Buffer.from('wxyz'),
+        ]),
+        mode,
+      );
+      s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 5n, 128 * 1024, large.length), large]));
+      await waitFor(() => s.host.replies.length === 5, 2000, '5 replies');
+      const got = new Map(s.host.replies.map(parseSimpleReply).map((r) => [r.cookie, r.error]));
+      assert.deepEqual([1n, 2n, 3n, 4n, 5n].map((c) => got.get(c)), [0, 0, NBD_ENOSPC, 0, 0]);
+      assert.deepEqual(node.now, [0, 8192], 'the two small writes without FUA');
+      assert.deepEqual(
+        node.calls.filter((c) => c.op === 'write').map((c) => c.offset),
+        [100, 128 * 1024],
+        'FUA and 64 KiB went through write()',
+      );
+      assert.equal(node.data.subarray(0, 4).toString(), 'abcd');
+      assert.ok(node.data.subarray(8192, 8192 + small.length).equals(small));
+      assert.equal(node.data.subarray(100, 104).toString(), 'wxyz');
+      assert.ok(node.data.subarray(128 * 1024, 128 * 1024 + large.length).equals(large));
+      assert.equal(s.host.warnings.length, 1, 'the failed write is logged');
+      await waitFor(() => budget.used === 0, 2000, 'every byte of the budget back');
+      assert.equal(s.queue.length, 0);
+      assert.equal(s.tx.inflight, 0);
+    });
+  }
 });

@@ -215,6 +215,10 @@ export class Transmission {
             if (n >= DIRECT_READ_MIN && this.#host.readInto !== undefined) this.#readPayloadDirect(queue, state.req, state.start);
             return;
           }
+          if (this.#writeNow(queue, state.req, state.start)) {
+            this.#state = { name: 'header' };
+            break;
+          }
           // A payload spread over socket chunks is gathered into a pooled
           // buffer: a fresh 1 MiB buffer per write kept the GC busy (48 % of
           // busy samples in a 1 MiB sequential-write profile).
@@ -316,23 +320,7 @@ export class Transmission {
           this.#done(req, 0, req.type === NBD_CMD_READ || req.type === NBD_CMD_WRITE ? req.length : 0, start);
           return parts;
         },
-        (err: unknown) => {
-          const code = errnoOf(err);
-          const error = nbdErrorFromErrno(code, req.flags);
-          const message = err instanceof Error ? err.message : String(err);
-          this.#host.warn(`${commandName(req.type)} offset ${req.offset} length ${req.length} failed: ${code ?? ''} ${message}`, {
-            command: commandLabel(req.type),
-            offset: req.offset,
-            length: req.length,
-            errno: code ?? 'unknown',
-            error: errorLabel(error),
-          });
-          if (this.#host.backendError !== undefined) {
-            this.#host.backendError({ conn: this.#host.id ?? 0, export: this.#session.export.name, command: req.type, errno: code ?? 'unknown', error, message });
-          }
-          this.#done(req, error, 0, start);
-          return this.#errorReply(req, error, message || 'I/O error');
-        },
+        (err: unknown) => this.#failed(req, err, start),
       )
       .then((parts) => {
         this.#inflight--;
@@ -354,6 +342,48 @@ export class Transmission {
         if (this.#state.name === 'disconnecting') this.#closeWhenIdle();
         else this.#host.progress();
       });
+  }
+
+  /** A request the node failed: log and report it; its error reply. */
+  #failed(req: Request, err: unknown, start: number): Buffer[] {
+    const code = errnoOf(err);
+    const error = nbdErrorFromErrno(code, req.flags);
+    const message = err instanceof Error ? err.message : String(err);
+    this.#host.warn(`${commandName(req.type)} offset ${req.offset} length ${req.length} failed: ${code ?? ''} ${message}`, {
+      command: commandLabel(req.type),
+      offset: req.offset,
+      length: req.length,
+      errno: code ?? 'unknown',
+      error: errorLabel(error),
+    });
+    if (this.#host.backendError !== undefined) {
+      this.#host.backendError({ conn: this.#host.id ?? 0, export: this.#session.export.name, command: req.type, errno: code ?? 'unknown', error, message });
+    }
+    this.#done(req, error, 0, start);
+    return this.#errorReply(req, error, message || 'I/O error');
+  }
+
+  /**
+   * A small write the node can do on this thread (BlockNode.writeNow):
+   * done straight from the socket's bytes, with no copy of the payload and
+   * no promise, and answered at once. False when the node cannot.
+   */
+  #writeNow(queue: ByteQueue, req: Request, start: number): boolean {
+    const node = this.#session.export.node;
+    if (node.writeNow === undefined || req.length === 0 || req.length >= DIRECT_READ_MIN) return false;
+    let reply: Buffer[];
+    try {
+      if (!node.writeNow(req.offset, queue.peek(req.length), { fua: (req.flags & NBD_CMD_FLAG_FUA) !== 0 })) return false;
+      this.#done(req, 0, req.length, start);
+      reply = [encodeSimpleReply(req.cookie, 0)];
+    } catch (err) {
+      reply = this.#failed(req, err, start);
+    }
+    queue.skip(req.length);
+    // The budget's bytes (taken in the 'budget' state) held nothing.
+    if (this.#limits.budget !== undefined) this.#limits.budget.give(req.length);
+    this.#host.sendReply(reply);
+    return true;
   }
 
   /** Run one validated request; resolves with its whole reply, rejects with the storage error. */
