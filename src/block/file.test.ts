@@ -481,3 +481,68 @@ describe('writeNow (small writes on the caller\'s thread)', () => {
     fs.rmSync(p);
   });
 });
+
+describe('readNow (small reads on the caller\'s thread)', () => {
+  const KiB = 1024;
+  test('FileNode on tmpfs: small buffered reads, into the given buffer; none when large, O_DIRECT or closed', t, async (ctx) => {
+    if (shmDir === undefined) return ctx.skip('no /dev/shm');
+    const p = path.join(shmDir, `img-${counter++}`);
+    fs.writeFileSync(p, Buffer.alloc(0));
+    fs.truncateSync(p, 1024 * KiB);
+    await withFile(FileNode.open({ path: p }), async (node) => {
+      await node.write(8 * KiB, pattern(4 * KiB, 5));
+      assert.ok(node.readNow(8 * KiB, 4 * KiB)?.equals(pattern(4 * KiB, 5)));
+      const into = Buffer.alloc(8 * KiB, 0xff);
+      const got = node.readNow(6 * KiB, 4 * KiB, into);
+      assert.ok(got !== null && got.buffer === into.buffer, 'read into the caller\'s buffer');
+      assert.ok(got.subarray(0, 2 * KiB).equals(Buffer.alloc(2 * KiB)), 'a hole reads as zeroes');
+      assert.ok(got.subarray(2 * KiB).equals(pattern(4 * KiB, 5).subarray(0, 2 * KiB)));
+      assert.equal(node.readNow(0, 256 * KiB), null, 'large reads go to the pool');
+    });
+    await withFile(FileNode.open({ path: p, direct: true }), async (node) => {
+      assert.equal(node.readNow(0, 4 * KiB), null, 'O_DIRECT never reads on the event loop');
+    });
+    const node = await FileNode.open({ path: p });
+    await node.close();
+    assert.equal(node.readNow(0, 4 * KiB), null, 'closed');
+    fs.rmSync(p);
+  });
+
+  test('FileNode on a disk filesystem: never over a range no scan has seen as data, so a hole stays a hole', t, async (ctx) => {
+    const p = tempFile(1024 * KiB);
+    await withFile(FileNode.open({ path: p, discard: 'unmap' }), async (node) => {
+      const fd = fs.openSync(p, 'r');
+      try {
+        if (filesystemType(fd) === TMPFS_MAGIC) return ctx.skip('the temporary directory is on tmpfs');
+        assert.equal(node.readNow(512 * KiB, 4 * KiB), null, 'nothing known about the range yet');
+        assert.equal(seekOrEnd(fd, 0, SEEK_DATA), fs.fstatSync(fd).size, 'the file is still one hole');
+        await node.write(0, pattern(128 * KiB, 2));
+        assert.equal(node.readNow(4 * KiB, 4 * KiB), null, 'written, but not yet seen by a scan');
+        await node.read(0, 128 * KiB); // the read scans, and marks what it saw
+        const got = node.readNow(4 * KiB, 4 * KiB);
+        // null is allowed (pages not cached, or no RWF_NOWAIT here); wrong bytes are not.
+        if (got !== null) assert.ok(got.equals(pattern(128 * KiB, 2).subarray(4 * KiB, 8 * KiB)));
+        await node.trim(0, 64 * KiB);
+        assert.equal(node.readNow(4 * KiB, 4 * KiB), null, 'trim forgets the range');
+      } finally {
+        fs.closeSync(fd);
+      }
+    });
+  });
+
+  test('CheckedNode passes it through, and leaves whatever read() would refuse to read()', t, async (ctx) => {
+    if (shmDir === undefined) return ctx.skip('no /dev/shm');
+    const p = path.join(shmDir, `img-${counter++}`);
+    fs.writeFileSync(p, Buffer.from('abcdefgh'));
+    fs.truncateSync(p, 64 * KiB);
+    const node = await openBlockNode({ kind: 'file', path: p, format: 'raw', readOnly: true });
+    assert.equal(node.readNow!(2, 4)?.toString(), 'cdef', 'read-only exports read on the spot too');
+    assert.equal(node.readNow!(64 * KiB - 2, 4), null, 'past the end: read() reports it');
+    assert.equal(node.readNow!(-1, 4), null);
+    assert.equal(node.readNow!(0, 0), null);
+    assert.equal(node.readNow!(0, 8, Buffer.alloc(4)), null, 'a buffer too small: read() reports it');
+    await node.close();
+    assert.equal(node.readNow!(0, 4), null, 'closed');
+    fs.rmSync(p);
+  });
+});

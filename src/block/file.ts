@@ -339,6 +339,17 @@ export class FileNode implements BlockNode {
 
   // --- reads ---
 
+  /** The synchronous case of read(): buffered, known data, small, and all of it in memory now. */
+  readNow(offset: number, length: number, into?: Buffer): Buffer | null {
+    if (this.#closing !== undefined || this.direct || length > FAST_IO_MAX || this.#fastIo === 'none') return null;
+    const p = this.#base + offset;
+    // As in read(): a range the data map does not know may hold holes, whose reads go around them.
+    if (this.#dataMap !== null && !this.#dataMap.covers(p, p + length)) return null;
+    const out = into === undefined ? Buffer.allocUnsafe(length) : into.subarray(0, length);
+    // A short read (pages not cached) is read again, whole, by read().
+    return this.#readNow(out, p) === length ? out : null;
+  }
+
   async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     this.#checkOpen();
     try {

@@ -70,6 +70,11 @@ export class MemoryNode implements BlockNode {
   }
 
   async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    return this.readNow(offset, length, into);
+  }
+
+  /** Every read is a copy out of memory: done before returning. */
+  readNow(offset: number, length: number, into?: Buffer): Buffer {
     const out = into === undefined ? Buffer.allocUnsafe(length) : into.subarray(0, length);
     this.#each(offset, length, (index, at, n, done) => {
       const chunk = this.#chunks.get(index);
@@ -80,6 +85,11 @@ export class MemoryNode implements BlockNode {
   }
 
   async write(offset: number, data: Buffer, _opts?: WriteOptions): Promise<void> {
+    this.writeNow(offset, data);
+  }
+
+  /** Every write is a copy into memory: done before returning (data is not kept). */
+  writeNow(offset: number, data: Buffer, _opts?: WriteOptions): boolean {
     this.#each(offset, data.length, (index, at, n, done) => {
       let chunk = this.#chunks.get(index);
       if (chunk === undefined) {
@@ -88,6 +98,7 @@ export class MemoryNode implements BlockNode {
       }
       data.copy(chunk, at, done, done + n);
     });
+    return true;
   }
 
   async flush(): Promise<void> {}

@@ -99,6 +99,11 @@ export class ForwardingNode implements BlockNode {
     return this.inner.read(offset, length, into);
   }
 
+  // Forwarded like read(): a subclass that changes reads overrides both.
+  readNow(offset: number, length: number, into?: Buffer): Buffer | null {
+    return this.inner.readNow?.(offset, length, into) ?? null;
+  }
+
   fileSlice(offset: number, length: number): FileSlice | null {
     return this.inner.fileSlice?.(offset, length) ?? null;
   }
@@ -197,6 +202,17 @@ export class CheckedNode implements BlockNode {
     }
     if (length === 0) return into?.subarray(0, 0) ?? Buffer.alloc(0);
     return this.#call(() => this.#inner.read(offset, length, into));
+  }
+
+  readNow(offset: number, length: number, into?: Buffer): Buffer | null {
+    // Anything read() would refuse takes the async path (which reports the error).
+    if (this.#closed || length === 0 || this.#inner.readNow === undefined || (into !== undefined && into.length < length)) return null;
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) return null;
+    try {
+      return this.#inner.readNow(offset, length, into);
+    } catch (err) {
+      throw toBlockError(err);
+    }
   }
 
   fileSlice(offset: number, length: number): FileSlice | null {

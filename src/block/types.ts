@@ -72,6 +72,14 @@ export interface BlockNode {
   readonly capabilities: BlockCapabilities;
   /** Read `length` bytes at `offset` into a new or supplied buffer. */
   read(offset: number, length: number, into?: Buffer): Promise<Buffer>;
+  /**
+   * Optional: read() done on this thread, before returning, when this node
+   * can do so without waiting (a few pages of a memory-backed file, or of
+   * the page cache); null, having changed nothing the caller can see, when
+   * it cannot: the caller then calls read(). Throws as read() rejects. A
+   * node that changes reads must not inherit this from the node it wraps.
+   */
+  readNow?(offset: number, length: number, into?: Buffer): Buffer | null;
   write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void>;
   /**
    * Optional: write on this thread, before returning, when this node can do

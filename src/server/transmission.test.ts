@@ -23,6 +23,9 @@ import {
   NBD_EOVERFLOW,
   NBD_EPERM,
   NBD_ESHUTDOWN,
+  NBD_REPLY_TYPE_ERROR,
+  NBD_REPLY_TYPE_OFFSET_DATA,
+  NBD_REPLY_TYPE_OFFSET_HOLE,
 } from '../protocol/constants.ts';
 import { ByteQueue } from '../protocol/byte-queue.ts';
 import { hex, requestBytes, toHex } from '../protocol/test-helpers.ts';
@@ -671,4 +674,95 @@ describe('Transmission: writes done on the spot (BlockNode.writeNow)', () => {
       assert.equal(s.tx.inflight, 0);
     });
   }
+});
+
+/** A node that reads small ranges on the caller's thread (BlockNode.readNow), as a tmpfs file does. */
+class SyncReadNode extends FakeNode {
+  readonly now: number[] = [];
+  /** Ranges from here on are "not in memory": readNow says no. */
+  slowFrom = 512 * 1024;
+  readNow(offset: number, length: number, into?: Buffer): Buffer | null {
+    if (offset >= this.slowFrom) return null;
+    this.now.push(offset);
+    if (offset === 4096) throw new BlockError('EIO', 'bad sector');
+    const out = into ?? Buffer.alloc(length);
+    this.data.copy(out, 0, offset, offset + length);
+    return out;
+  }
+}
+
+describe('Transmission: reads done on the spot (BlockNode.readNow)', () => {
+  for (const mode of ['whole', 'bytewise'] as const) {
+    test(`small reads are answered at once; a failing one gets its error; ranges the node cannot read now and 64 KiB ones take read() (fed ${mode})`, t, async () => {
+      const node = new SyncReadNode(MiB);
+      const budget = new ByteBudget(8 * MiB);
+      const s = setup({ spec: { node }, limits: { ...DEFAULT_LIMITS, budget } });
+      const small = Buffer.alloc(3000, 0x11);
+      node.fill(0, Buffer.from('abcd'));
+      node.fill(8192, small);
+      node.fill(600 * 1024, Buffer.from('slow'));
+      s.feed(
+        Buffer.concat([
+          rq(NBD_CMD_READ, 1n, 0, 4),
+          rq(NBD_CMD_READ, 2n, 8192, small.length),
+          rq(NBD_CMD_READ, 3n, 4096, 4),
+          rq(NBD_CMD_READ, 4n, 600 * 1024, 4),
+          rq(NBD_CMD_READ, 5n, 128 * 1024, 64 * 1024),
+        ]),
+        mode,
+      );
+      // The three tried on the spot were answered before anything was awaited.
+      assert.equal(s.host.replies.length, 3);
+      await waitFor(() => s.host.replies.length === 5, 2000, '5 replies');
+      const got = new Map(s.host.replies.map(parseSimpleReply).map((r) => [r.cookie, r]));
+      assert.deepEqual([1n, 2n, 3n, 4n, 5n].map((c) => got.get(c)!.error), [0, 0, NBD_EIO, 0, 0]);
+      assert.equal(got.get(1n)!.data.toString(), 'abcd');
+      assert.ok(got.get(2n)!.data.equals(small));
+      assert.equal(got.get(3n)!.data.length, 0, 'an error reply carries no data');
+      assert.equal(got.get(4n)!.data.toString(), 'slow');
+      assert.equal(got.get(5n)!.data.length, 64 * 1024);
+      assert.deepEqual(node.now, [0, 8192, 4096]);
+      assert.deepEqual(
+        node.calls.filter((c) => c.op === 'read').map((c) => c.offset),
+        [600 * 1024, 128 * 1024],
+      );
+      assert.equal(s.host.warnings.length, 1, 'the failed read is logged');
+      assert.equal(budget.used, 0, 'every byte of the budget back');
+      assert.equal(s.queue.length, 0);
+      assert.equal(s.tx.inflight, 0);
+      // Still serving after the error.
+      s.feed(rq(NBD_CMD_READ, 6n, 0, 2));
+      assert.equal(parseSimpleReply(s.host.replies[5]!).data.toString(), 'ab');
+    });
+  }
+
+  test('structured replies: data as one data chunk, zeroes as a hole, an error as an error chunk', t, async () => {
+    const node = new SyncReadNode(MiB);
+    const s = setup({ spec: { node }, structured: true });
+    node.fill(0, Buffer.from('data'));
+    s.feed(Buffer.concat([rq(NBD_CMD_READ, 1n, 0, 4), rq(NBD_CMD_READ, 2n, 65536, 4096), rq(NBD_CMD_READ, 3n, 4096, 512)]));
+    assert.equal(s.host.replies.length, 3);
+    const [data, hole, error] = s.host.replies.map(parseChunks);
+    assert.deepEqual(data!.map((c) => [c.cookie, c.type, c.flags]), [[1n, NBD_REPLY_TYPE_OFFSET_DATA, 1]]);
+    assert.equal(data![0]!.payload.subarray(8).toString(), 'data');
+    assert.deepEqual(hole!.map((c) => [c.cookie, c.type, c.payload.readBigUInt64BE(0), c.payload.readUInt32BE(8)]), [[2n, NBD_REPLY_TYPE_OFFSET_HOLE, 65536n, 4096]]);
+    assert.deepEqual(error!.map((c) => [c.cookie, c.type, c.payload.readUInt32BE(0)]), [[3n, NBD_REPLY_TYPE_ERROR, NBD_EIO]]);
+  });
+
+  test('an answered read holds its bytes until its reply is sent: parsing stops at maxInflightBytes', t, async () => {
+    const node = new SyncReadNode(MiB);
+    const s = setup({ spec: { node }, limits: { maxInflightBytes: 8192, maxInflightRequests: 100 } });
+    const pending: (() => void)[] = [];
+    s.host.sendReply = (parts, sent) => {
+      s.host.replies.push(Buffer.concat(parts.map((p) => Buffer.from(p))));
+      if (sent !== undefined) pending.push(sent);
+    };
+    s.feed(Buffer.concat([1n, 2n, 3n, 4n].map((c) => rq(NBD_CMD_READ, c, 0, 4096))));
+    assert.equal(s.host.replies.length, 2, 'two 4 KiB replies fill the 8 KiB bound');
+    assert.ok(s.tx.saturated);
+    for (const sent of pending.splice(0)) sent();
+    assert.equal(s.host.replies.length, 4, 'sending them lets the rest through');
+    for (const sent of pending.splice(0)) sent();
+    assert.ok(!s.tx.saturated);
+  });
 });

@@ -205,7 +205,7 @@ export class Transmission {
             this.#state = { name: 'payload', req: state.req, start: state.start };
           } else {
             this.#state = { name: 'header' };
-            this.#dispatch(state.req, undefined, state.start);
+            if (!this.#readNow(state.req, state.start)) this.#dispatch(state.req, undefined, state.start);
           }
           break;
         }
@@ -274,6 +274,7 @@ export class Transmission {
             this.#state = { name: 'budget', req, start: now };
             break;
           }
+          if (req.type === NBD_CMD_READ && this.#readNow(req, now)) break;
           this.#dispatch(req, undefined, now);
           break;
         }
@@ -310,8 +311,7 @@ export class Transmission {
   #dispatch(req: Request, payload: Buffer | undefined, start: number): void {
     const cost = req.type === NBD_CMD_READ ? req.length : (payload?.length ?? 0);
     // Budget bytes (taken in the 'budget' state) go back once the reply is with the kernel.
-    const budget = this.#limits.budget;
-    const held = budget !== undefined && (req.type === NBD_CMD_READ || req.type === NBD_CMD_WRITE) ? req.length : 0;
+    const held = this.#limits.budget !== undefined && (req.type === NBD_CMD_READ || req.type === NBD_CMD_WRITE) ? req.length : 0;
     this.#inflight++;
     this.#inflightBytes += cost;
     this.#run(req, payload)
@@ -324,24 +324,27 @@ export class Transmission {
       )
       .then((parts) => {
         this.#inflight--;
-        // Bytes count against this connection and the budget until the
-        // reply is with the kernel: a client that does not read its
-        // replies holds at most maxInflightBytes of memory.
-        const sent =
-          cost > 0 || held > 0
-            ? () => {
-                this.#inflightBytes -= cost;
-                if (held > 0) budget!.give(held);
-                const pooled = this.#pooled.get(req);
-                if (pooled !== undefined) this.#limits.pool!.release(pooled);
-                this.#slices.get(req)?.release();
-                if (this.#state.name !== 'disconnecting') this.#host.progress();
-              }
-            : undefined;
-        this.#host.sendReply(parts, sent);
+        this.#host.sendReply(parts, this.#whenSent(req, cost, held));
         if (this.#state.name === 'disconnecting') this.#closeWhenIdle();
         else this.#host.progress();
       });
+  }
+
+  /**
+   * What to do once a reply is with the kernel. Until then its bytes count
+   * against this connection and the budget: a client that does not read
+   * its replies holds at most maxInflightBytes of memory.
+   */
+  #whenSent(req: Request, cost: number, held: number): (() => void) | undefined {
+    if (cost === 0 && held === 0) return undefined;
+    return () => {
+      this.#inflightBytes -= cost;
+      if (held > 0) this.#limits.budget!.give(held);
+      const pooled = this.#pooled.get(req);
+      if (pooled !== undefined) this.#limits.pool!.release(pooled);
+      this.#slices.get(req)?.release();
+      if (this.#state.name !== 'disconnecting') this.#host.progress();
+    };
   }
 
   /** A request the node failed: log and report it; its error reply. */
@@ -383,6 +386,29 @@ export class Transmission {
     // The budget's bytes (taken in the 'budget' state) held nothing.
     if (this.#limits.budget !== undefined) this.#limits.budget.give(req.length);
     this.#host.sendReply(reply);
+    return true;
+  }
+
+  /**
+   * A small read the node can do on this thread (BlockNode.readNow): its
+   * reply is queued at once, with no promise. False when the node cannot
+   * (the request is then dispatched) or when a slice would serve it.
+   */
+  #readNow(req: Request, start: number): boolean {
+    const node = this.#session.export.node;
+    if (node.readNow === undefined || req.length === 0 || req.length >= FILE_SLICE_MIN) return false;
+    let reply: Buffer[];
+    try {
+      const data = node.readNow(req.offset, req.length);
+      if (data === null) return false;
+      this.#done(req, 0, req.length, start);
+      reply = this.#dataReply(req, data);
+    } catch (err) {
+      reply = this.#failed(req, err, start);
+    }
+    // The reply holds the bytes (and any budget taken in the 'budget' state) until it is sent.
+    this.#inflightBytes += req.length;
+    this.#host.sendReply(reply, this.#whenSent(req, req.length, this.#limits.budget !== undefined ? req.length : 0));
     return true;
   }
 
@@ -483,6 +509,12 @@ export class Transmission {
       if (data.buffer === pooled.buffer) this.#pooled.set(req, pooled);
       else this.#limits.pool!.release(pooled);
     }
+    return this.#dataReply(req, data);
+  }
+
+  /** The reply to a read that returned `data`. */
+  #dataReply(req: Request, data: Buffer): Buffer[] {
+    const { offset, length, cookie } = req;
     if (!this.#session.structuredReplies) return [encodeSimpleReply(cookie, 0), data];
     // "NBD_CMD_READ": with DF, one data chunk.
     if ((req.flags & NBD_CMD_FLAG_DF) !== 0) return [encodeChunkOffsetDataHeader(cookie, true, offset, length), data];
