@@ -125,6 +125,8 @@ export const OPTION_REPLY_HEADER_LENGTH = 20;
 export const REQUEST_HEADER_LENGTH = 28;
 export const SIMPLE_REPLY_HEADER_LENGTH = 16;
 export const STRUCTURED_REPLY_HEADER_LENGTH = 20;
+/** Header of an NBD_REPLY_TYPE_OFFSET_DATA chunk: the chunk header, then u64 offset; the data follows. */
+export const OFFSET_DATA_HEADER_LENGTH = STRUCTURED_REPLY_HEADER_LENGTH + 8;
 /** Zero padding after EXPORT_NAME's reply unless NO_ZEROES was agreed. */
 export const EXPORT_NAME_ZEROES = 124;
 /** Strings on the wire are at most this long ("Conventions"). */

@@ -33,6 +33,7 @@ import {
   NBD_SIMPLE_REPLY_MAGIC,
   NBD_STRUCTURED_REPLY_MAGIC,
   NBD_MAX_STRING,
+  OFFSET_DATA_HEADER_LENGTH,
   REQUEST_HEADER_LENGTH,
   SIMPLE_REPLY_HEADER_LENGTH,
   STRUCTURED_REPLY_HEADER_LENGTH,
@@ -144,8 +145,9 @@ export function validateRequest(req: Request, ctx: ValidationContext): number {
  *   4  u32 error
  *   8  u64 cookie
  */
-export function encodeSimpleReply(cookie: bigint, error: number): Buffer {
-  const b = Buffer.allocUnsafe(SIMPLE_REPLY_HEADER_LENGTH);
+/** `into` (optional): the SIMPLE_REPLY_HEADER_LENGTH bytes to write it in. */
+export function encodeSimpleReply(cookie: bigint, error: number, into?: Buffer): Buffer {
+  const b = into ?? Buffer.allocUnsafe(SIMPLE_REPLY_HEADER_LENGTH);
   b.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, 0);
   b.writeUInt32BE(error, 4);
   b.writeBigUInt64BE(cookie, 8);
@@ -181,8 +183,9 @@ export function encodeChunkNone(cookie: bigint): Buffer {
  * NBD_REPLY_TYPE_OFFSET_DATA header: chunk header, then u64 offset; the
  * `dataLength` bytes of data follow in a separate buffer (no copy).
  */
-export function encodeChunkOffsetDataHeader(cookie: bigint, done: boolean, offset: number, dataLength: number): Buffer {
-  const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_LENGTH + 8);
+/** `into` (optional): the OFFSET_DATA_HEADER_LENGTH bytes to write it in. */
+export function encodeChunkOffsetDataHeader(cookie: bigint, done: boolean, offset: number, dataLength: number, into?: Buffer): Buffer {
+  const b = into ?? Buffer.allocUnsafe(OFFSET_DATA_HEADER_LENGTH);
   writeChunkHeader(b, 0, cookie, doneFlag(done), NBD_REPLY_TYPE_OFFSET_DATA, 8 + dataLength);
   b.writeBigUInt64BE(BigInt(offset), STRUCTURED_REPLY_HEADER_LENGTH);
   return b;

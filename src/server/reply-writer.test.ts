@@ -6,7 +6,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import type { FileSlice } from '../exports/export.ts';
-import { ReplyWriter, type ReplyPart } from './reply-writer.ts';
+import { coalesceSmall, mergeAdjacent, ReplyWriter, type ReplyPart } from './reply-writer.ts';
+import { REPLY_SPACE_MAX, replySpace, unusedReplySpace } from './reply-space.ts';
 import { sendfileAvailable, setSendfileEnabled } from './sendfile.ts';
 import { waitFor } from './test-helpers.ts';
 
@@ -174,4 +175,45 @@ test('a slice waits for earlier buffered writes, and later writes wait for the s
   } finally {
     close();
   }
+});
+
+test('replies built one after another in reply space go as one view of it, with no copy', () => {
+  const parts = [4112, 16, 4112, 4112, 16].map((n, i) => replySpace(n)!.fill(i + 1));
+  const joined = mergeAdjacent(parts);
+  if (joined.length === 1) {
+    assert.equal(joined[0]!.buffer, parts[0]!.buffer, 'a view, not a copy');
+  } else {
+    // A new block began somewhere in the middle: two views, still no copy.
+    assert.equal(joined.length, 2);
+    for (const j of joined) assert.ok(j.buffer === parts[0]!.buffer || j.buffer === parts[4]!.buffer);
+  }
+  assert.ok(Buffer.concat(joined).equals(Buffer.concat(parts)), 'the same bytes in the same order');
+  const out = coalesceSmall(parts);
+  assert.ok(Buffer.concat(out).equals(Buffer.concat(parts)));
+  // Runs of 16 KiB and more are sent as views; shorter ones are copied out, so they pin no block.
+  for (const o of out) if (o.length < 16 * 1024) assert.ok(o.buffer !== parts[0]!.buffer && o.buffer !== parts[4]!.buffer);
+});
+
+test('mergeAdjacent keeps parts apart unless one starts where the one before ends', () => {
+  const a = Buffer.from('abcdefgh');
+  const separate = [a.subarray(0, 2), a.subarray(4, 6), a.subarray(6, 8), a.subarray(2, 4), Buffer.from('xy')];
+  const got = mergeAdjacent(separate);
+  assert.deepEqual(got.map(String), ['ab', 'efgh', 'cd', 'xy']);
+  assert.equal(got[1]!.buffer, a.buffer);
+  assert.deepEqual(mergeAdjacent([]), []);
+  const one = [Buffer.from('z')];
+  assert.equal(mergeAdjacent(one)[0], one[0]);
+});
+
+test('reply space: in order within a block, never above REPLY_SPACE_MAX; the last unused piece can be handed back', () => {
+  assert.equal(replySpace(REPLY_SPACE_MAX + 1), undefined);
+  const a = replySpace(100)!;
+  const b = replySpace(100)!;
+  if (a.buffer === b.buffer) assert.equal(b.byteOffset, a.byteOffset + 100);
+  unusedReplySpace(b);
+  const c = replySpace(50)!;
+  if (a.buffer === c.buffer) assert.equal(c.byteOffset, a.byteOffset + 100, 'b was handed back');
+  unusedReplySpace(a); // not the last one: nothing happens
+  const d = replySpace(10)!;
+  if (c.buffer === d.buffer) assert.equal(d.byteOffset, c.byteOffset + 50);
 });

@@ -9,6 +9,7 @@
 import fs from 'node:fs';
 import type { Socket } from 'node:net';
 import type { FileSlice } from '../exports/export.ts';
+import { inReplySpace } from './reply-space.ts';
 import { sendFile, sendfileAvailable, setSendBuffer } from './sendfile.ts';
 
 export type ReplyPart = Buffer | FileSlice;
@@ -272,18 +273,21 @@ function allBuffers(parts: ReplyPart[]): parts is Buffer[] {
  * Runs of small reply parts (headers, error and block-status chunks) become
  * one buffer: a client that never reads could otherwise pin millions of tiny
  * buffers in the socket's queue, each costing far more than its bytes.
+ * Parts that lie one after another in memory (replies built in reply
+ * space, see reply-space.ts) are first joined into one view, without a copy.
  */
 export function coalesceSmall(parts: Buffer[]): Buffer[] {
   const out: Buffer[] = [];
   let run: Buffer[] = [];
   let runBytes = 0;
   const endRun = (): void => {
-    if (run.length === 1) out.push(run[0]!);
-    else if (run.length > 1) out.push(Buffer.concat(run, runBytes));
+    // A lone small part goes as it is, unless it would pin a block of reply space.
+    if (run.length === 1 && !inReplySpace(run[0]!)) out.push(run[0]!);
+    else if (run.length > 0) out.push(Buffer.concat(run, runBytes));
     run = [];
     runBytes = 0;
   };
-  for (const part of parts) {
+  for (const part of mergeAdjacent(parts)) {
     if (part.length >= COALESCE_BELOW) {
       endRun();
       out.push(part);
@@ -291,6 +295,34 @@ export function coalesceSmall(parts: Buffer[]): Buffer[] {
       run.push(part);
       runBytes += part.length;
     }
+  }
+  endRun();
+  return out;
+}
+
+/** Consecutive parts where each starts in memory where the one before ends, as one view each. */
+export function mergeAdjacent(parts: Buffer[]): Buffer[] {
+  if (parts.length < 2) return parts;
+  const out: Buffer[] = [];
+  let first = parts[0]!;
+  let end = first.byteOffset + first.length;
+  let joined = false;
+  const endRun = (): void => {
+    out.push(joined ? Buffer.from(first.buffer, first.byteOffset, end - first.byteOffset) : first);
+  };
+  for (let i = 1; i < parts.length; i++) {
+    const part = parts[i]!;
+    const at = part.byteOffset;
+    // Offsets first: the buffer is compared only where they line up.
+    if (at === end && part.buffer === first.buffer) {
+      end += part.length;
+      joined = true;
+      continue;
+    }
+    endRun();
+    first = part;
+    end = at + part.length;
+    joined = false;
   }
   endRun();
   return out;

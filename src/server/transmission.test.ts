@@ -747,6 +747,15 @@ describe('Transmission: reads done on the spot (BlockNode.readNow)', () => {
     assert.equal(data![0]!.payload.subarray(8).toString(), 'data');
     assert.deepEqual(hole!.map((c) => [c.cookie, c.type, c.payload.readBigUInt64BE(0), c.payload.readUInt32BE(8)]), [[2n, NBD_REPLY_TYPE_OFFSET_HOLE, 65536n, 4096]]);
     assert.deepEqual(error!.map((c) => [c.cookie, c.type, c.payload.readUInt32BE(0)]), [[3n, NBD_REPLY_TYPE_ERROR, NBD_EIO]]);
+    // Zeroes, then data: a hole chunk and a data chunk, the data read in place.
+    node.fill(200 * 1024 + 4096, Buffer.alloc(4096, 0x77));
+    s.feed(rq(NBD_CMD_READ, 4n, 200 * 1024, 8192));
+    const mixed = parseChunks(s.host.replies[3]!);
+    assert.deepEqual(mixed.map((c) => [c.type, c.flags, c.payload.readBigUInt64BE(0)]), [
+      [NBD_REPLY_TYPE_OFFSET_HOLE, 0, 200n * 1024n],
+      [NBD_REPLY_TYPE_OFFSET_DATA, 1, 200n * 1024n + 4096n],
+    ]);
+    assert.ok(mixed[1]!.payload.subarray(8).equals(Buffer.alloc(4096, 0x77)));
   });
 
   test('an answered read holds its bytes until its reply is sent: parsing stops at maxInflightBytes', t, async () => {

@@ -20,7 +20,9 @@ import {
   NBD_CMD_WRITE_ZEROES,
   NBD_EINVAL,
   NBD_ESHUTDOWN,
+  OFFSET_DATA_HEADER_LENGTH,
   REQUEST_HEADER_LENGTH,
+  SIMPLE_REPLY_HEADER_LENGTH,
 } from '../protocol/constants.ts';
 import type { ByteQueue } from '../protocol/byte-queue.ts';
 import { commandLabel, commandName, errorLabel } from '../protocol/names.ts';
@@ -46,6 +48,7 @@ import type { BufferPool } from './buffer-pool.ts';
 import type { Session } from './negotiation.ts';
 import type { FileSlice } from '../exports/export.ts';
 import type { ReplyPart } from './reply-writer.ts';
+import { replySpace, unusedReplySpace } from './reply-space.ts';
 
 export interface TransmissionLimits {
   /** Parsing pauses once this many payload/reply bytes are in flight on one connection. */
@@ -378,7 +381,7 @@ export class Transmission {
     try {
       if (!node.writeNow(req.offset, queue.peek(req.length), { fua: (req.flags & NBD_CMD_FLAG_FUA) !== 0 })) return false;
       this.#done(req, 0, req.length, start);
-      reply = [encodeSimpleReply(req.cookie, 0)];
+      reply = [encodeSimpleReply(req.cookie, 0, replySpace(SIMPLE_REPLY_HEADER_LENGTH))];
     } catch (err) {
       reply = this.#failed(req, err, start);
     }
@@ -397,13 +400,20 @@ export class Transmission {
   #readNow(req: Request, start: number): boolean {
     const node = this.#session.export.node;
     if (node.readNow === undefined || req.length === 0 || req.length >= FILE_SLICE_MIN) return false;
+    // Header and data side by side in shared reply space (see reply-space.ts).
+    const headerLength = this.#session.structuredReplies ? OFFSET_DATA_HEADER_LENGTH : SIMPLE_REPLY_HEADER_LENGTH;
+    const space = replySpace(headerLength + req.length);
     let reply: Buffer[];
     try {
-      const data = node.readNow(req.offset, req.length);
-      if (data === null) return false;
+      const data = node.readNow(req.offset, req.length, space?.subarray(headerLength));
+      if (data === null) {
+        if (space !== undefined) unusedReplySpace(space);
+        return false;
+      }
       this.#done(req, 0, req.length, start);
-      reply = this.#dataReply(req, data);
+      reply = this.#dataReply(req, data, space !== undefined && data.buffer === space.buffer && data.byteOffset === space.byteOffset + headerLength ? space : undefined);
     } catch (err) {
+      if (space !== undefined) unusedReplySpace(space);
       reply = this.#failed(req, err, start);
     }
     // The reply holds the bytes (and any budget taken in the 'budget' state) until it is sent.
@@ -512,19 +522,32 @@ export class Transmission {
     return this.#dataReply(req, data);
   }
 
-  /** The reply to a read that returned `data`. */
-  #dataReply(req: Request, data: Buffer): Buffer[] {
+  /**
+   * The reply to a read that returned `data`. `space` (optional) holds
+   * `data` at its end, with room for the header before it: a reply that is
+   * one header and that data is then written in it, as one buffer.
+   */
+  #dataReply(req: Request, data: Buffer, space?: Buffer): Buffer[] {
     const { offset, length, cookie } = req;
-    if (!this.#session.structuredReplies) return [encodeSimpleReply(cookie, 0), data];
+    if (!this.#session.structuredReplies) {
+      if (space === undefined) return [encodeSimpleReply(cookie, 0), data];
+      encodeSimpleReply(cookie, 0, space);
+      return [space];
+    }
+    const dataChunk = (): Buffer[] => {
+      if (space === undefined) return [encodeChunkOffsetDataHeader(cookie, true, offset, length), data];
+      encodeChunkOffsetDataHeader(cookie, true, offset, length, space);
+      return [space];
+    };
     // "NBD_CMD_READ": with DF, one data chunk.
-    if ((req.flags & NBD_CMD_FLAG_DF) !== 0) return [encodeChunkOffsetDataHeader(cookie, true, offset, length), data];
+    if ((req.flags & NBD_CMD_FLAG_DF) !== 0) return dataChunk();
     // "NBD_REPLY_TYPE_OFFSET_HOLE": zero stretches (4 KiB granules) go as
     // holes, as qemu-nbd sends a file's holes. Checking the data costs a
     // memcmp per granule; asking the node for extents costs lseek calls
     // that are O(file) on tmpfs.
     if (isAllZero(data)) return [encodeChunkOffsetHole(cookie, true, offset, length)];
     const runs = zeroRuns(data, offset);
-    if (runs.length === 1) return [encodeChunkOffsetDataHeader(cookie, true, offset, length), data];
+    if (runs.length === 1) return dataChunk();
     const parts: Buffer[] = [];
     runs.forEach((run, i) => {
       const done = i === runs.length - 1;
