@@ -447,7 +447,9 @@ describe('writeNow (small writes on the caller\'s thread)', () => {
       data.fill(0); // the write is done: the caller's buffer is free
       assert.ok((await node.read(8192, 4096)).equals(pattern(4096, 9)));
       assert.equal(node.writeNow(0, data, { fua: true }), false, 'FUA needs a flush');
-      assert.equal(node.writeNow(0, Buffer.alloc(256 * 1024)), false, 'large writes go to the pool');
+      assert.equal(node.writeNow(0, Buffer.alloc(4 * 1024 * 1024 + 1)), false, 'above 4 MiB, writes go to the pool');
+      assert.equal(node.writeNow(0, Buffer.alloc(512 * 1024, 3)), true, 'a caller may choose to wait for a larger one');
+      assert.ok((await node.read(0, 512 * 1024)).equals(Buffer.alloc(512 * 1024, 3)));
     });
     fs.rmSync(p);
     const disk = tempFile(64 * 1024);

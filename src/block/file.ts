@@ -72,6 +72,13 @@ const alignUp = (n: number): number => (n % DIRECT_ALIGN === 0 ? n : n - (n % DI
 
 /** Buffered reads up to this size try the page cache on the event loop first. */
 const FAST_IO_MAX = 128 * 1024;
+/**
+ * writeNow() on tmpfs takes up to this much: the caller chose to wait for
+ * the copy (over TCP, 1 MiB writes done on the event loop beat the thread
+ * pool, whose wake-ups preempted the event loop), and 4 MiB is about a
+ * millisecond of it.
+ */
+const WRITE_NOW_MAX = 4 * 1024 * 1024;
 
 /**
  * 'memory': the file lives on tmpfs or ramfs, so a read never waits for a
@@ -453,7 +460,7 @@ export class FileNode implements BlockNode {
 
   /** The synchronous case of write(): small, buffered, on tmpfs, no FUA (see #write). */
   writeNow(offset: number, data: Buffer, opts: WriteOptions = {}): boolean {
-    if (this.#closing !== undefined || this.direct || this.#fastIo !== 'memory' || data.length > FAST_IO_MAX || opts.fua === true) return false;
+    if (this.#closing !== undefined || this.direct || this.#fastIo !== 'memory' || data.length > WRITE_NOW_MAX || opts.fua === true) return false;
     try {
       this.#writeNow(data, this.#base + offset);
     } catch (err) {

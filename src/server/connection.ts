@@ -244,6 +244,7 @@ export class Connection {
         id: this.id,
         sendReply: (parts, sent) => this.#queueReply(parts, sent),
         sendsFiles: this.#writer.sendsFiles,
+        writesLargeNow: this.transport !== 'unix',
         close: (reason, cause) => this.close(reason, cause),
         progress: () => this.#pump(),
         readInto:

@@ -193,6 +193,7 @@ export class FakeTransmissionHost implements TransmissionHost {
   progressCalls = 0;
   onProgress: (() => void) | undefined;
   readInto: ((buf: Buffer, filled: number, done: () => void, thenRead?: number) => void) | undefined;
+  writesLargeNow = false;
   sendReply(parts: Buffer[], sent?: () => void): void {
     this.replies.push(Buffer.concat(parts.map((p) => Buffer.from(p))));
     // As if the bytes reached the kernel at once.

@@ -676,6 +676,42 @@ describe('Transmission: writes done on the spot (BlockNode.writeNow)', () => {
   }
 });
 
+describe('Transmission: large writes on the spot where the host asks (writesLargeNow, as over TCP)', () => {
+  test('gathered from the queue or read straight into their buffer, they are offered to writeNow; FUA and refused ones take write()', t, async () => {
+    const node = new SyncWriteNode(4 * MiB);
+    const budget = new ByteBudget(16 * MiB);
+    const s = setup({ spec: { node }, limits: { ...DEFAULT_LIMITS, budget } });
+    s.host.writesLargeNow = true;
+    const a = Buffer.alloc(200 * 1024, 0x0a);
+    const b = Buffer.alloc(200 * 1024, 0x0b);
+    const c = Buffer.alloc(100 * 1024, 0x0c);
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 1n, MiB, a.length), a]));
+    assert.equal(s.host.replies.length, 1, 'answered at once');
+    const direct: { buf: Buffer; done: () => void }[] = [];
+    s.host.readInto = (buf, filled, done) => direct.push({ buf, done });
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 2n, 2 * MiB, b.length), b.subarray(0, 1000)]));
+    b.copy(direct[0]!.buf);
+    direct[0]!.done();
+    assert.equal(s.host.replies.length, 2, 'answered once its payload is in');
+    s.host.readInto = undefined;
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 3n, 3 * MiB, c.length, NBD_CMD_FLAG_FUA), c]));
+    await waitFor(() => s.host.replies.length === 3, 2000, '3 replies');
+    assert.deepEqual(s.host.replies.map(parseSimpleReply).map((r) => [r.cookie, r.error]), [[1n, 0], [2n, 0], [3n, 0]]);
+    assert.deepEqual(node.now, [MiB, 2 * MiB]);
+    assert.deepEqual(node.calls.filter((x) => x.op === 'write').map((x) => x.offset), [3 * MiB], 'FUA went through write()');
+    assert.ok(node.data.subarray(MiB, MiB + a.length).equals(a));
+    assert.ok(node.data.subarray(2 * MiB, 2 * MiB + b.length).equals(b));
+    assert.ok(node.data.subarray(3 * MiB, 3 * MiB + c.length).equals(c));
+    // A large write that fails on the spot gets its error, and the connection goes on.
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 4n, 4096, a.length), a]));
+    assert.deepEqual(parseSimpleReply(s.host.replies[3]!).error, NBD_ENOSPC);
+    s.feed(rq(NBD_CMD_FLUSH, 5n, 0, 0));
+    await waitFor(() => s.host.replies.length === 5, 2000, '5 replies');
+    await waitFor(() => budget.used === 0, 2000, 'every byte of the budget back');
+    assert.equal(s.tx.inflight, 0);
+  });
+});
+
 /** A node that reads small ranges on the caller's thread (BlockNode.readNow), as a tmpfs file does. */
 class SyncReadNode extends FakeNode {
   readonly now: number[] = [];

@@ -91,6 +91,14 @@ export interface TransmissionHost {
   sendReply(parts: ReplyPart[], sent?: () => void): void;
   /** sendReply() takes file slices (large reads then go by sendfile); else parts are Buffers. */
   readonly sendsFiles?: boolean;
+  /**
+   * Large write payloads are offered to BlockNode.writeNow too, not only
+   * small ones. Worth it where the client's next bytes keep arriving into
+   * large socket buffers meanwhile (TCP); a Unix socket holds only what
+   * the sender's 208 KiB send buffer allows, and there the thread pool
+   * writing while this thread reads the next payload wins.
+   */
+  readonly writesLargeNow?: boolean;
   /** Framing lost ('protocol_error') or NBD_CMD_DISC done ('disc'). */
   close(reason: string, cause: 'protocol_error' | 'disc'): void;
   /** Work drained: the connection may feed again. */
@@ -229,7 +237,7 @@ export class Transmission {
           if (pooled !== undefined) this.#pooledPayloads.set(state.req, pooled);
           const payload = pooled === undefined ? queue.takeKept(n) : queue.takeInto(pooled);
           this.#state = { name: 'header' };
-          this.#dispatch(state.req, payload, state.start);
+          if (!this.#writeLargeNow(state.req, payload, state.start)) this.#dispatch(state.req, payload, state.start);
           break;
         }
         case 'header': {
@@ -300,7 +308,7 @@ export class Transmission {
       have,
       () => {
         this.#state = { name: 'header' };
-        this.#dispatch(req, payload, start);
+        if (!this.#writeLargeNow(req, payload, start)) this.#dispatch(req, payload, start);
         this.#host.progress();
       },
       REQUEST_HEADER_LENGTH,
@@ -387,6 +395,30 @@ export class Transmission {
     }
     queue.skip(req.length);
     // The budget's bytes (taken in the 'budget' state) held nothing.
+    if (this.#limits.budget !== undefined) this.#limits.budget.give(req.length);
+    this.#host.sendReply(reply);
+    return true;
+  }
+
+  /**
+   * A large write the node can do on this thread, where the host asks for
+   * that (writesLargeNow): written and answered at once, its payload
+   * buffer free again. False when the node cannot: it is then dispatched.
+   */
+  #writeLargeNow(req: Request, payload: Buffer, start: number): boolean {
+    const node = this.#session.export.node;
+    if (this.#host.writesLargeNow !== true || node.writeNow === undefined) return false;
+    let reply: Buffer[];
+    try {
+      if (!node.writeNow(req.offset, payload, { fua: (req.flags & NBD_CMD_FLAG_FUA) !== 0 })) return false;
+      this.#done(req, 0, req.length, start);
+      reply = [encodeSimpleReply(req.cookie, 0, replySpace(SIMPLE_REPLY_HEADER_LENGTH))];
+    } catch (err) {
+      reply = this.#failed(req, err, start);
+    }
+    const pooled = this.#pooledPayloads.get(req);
+    this.#pooledPayloads.delete(req);
+    if (pooled !== undefined) this.#limits.pool!.release(pooled);
     if (this.#limits.budget !== undefined) this.#limits.budget.give(req.length);
     this.#host.sendReply(reply);
     return true;
