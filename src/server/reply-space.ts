@@ -7,10 +7,10 @@
 // about a tenth of the server's CPU in those allocations and that copy.
 // A block lives while any reply in it waits to be sent; the writer copies
 // runs under 16 KiB out of it, so a client that reads nothing pins at most
-// 4 block bytes per reply byte.
+// 2 block bytes per reply byte.
 
 /** Under glibc's mmap threshold (128 KiB): freed blocks are reused heap, not fresh pages. */
-const BLOCK_BYTES = 64 * 1024;
+const BLOCK_BYTES = 32 * 1024;
 /** Larger replies get their own buffers. */
 export const REPLY_SPACE_MAX = 16 * 1024;
 
