@@ -383,20 +383,11 @@ export class Transmission {
    * no promise, and answered at once. False when the node cannot.
    */
   #writeNow(queue: ByteQueue, req: Request, start: number): boolean {
-    const node = this.#session.export.node;
-    if (node.writeNow === undefined || req.length === 0 || req.length >= DIRECT_READ_MIN) return false;
-    let reply: Buffer[];
-    try {
-      if (!node.writeNow(req.offset, queue.peek(req.length), { fua: (req.flags & NBD_CMD_FLAG_FUA) !== 0 })) return false;
-      this.#done(req, 0, req.length, start);
-      reply = [encodeSimpleReply(req.cookie, 0, replySpace(SIMPLE_REPLY_HEADER_LENGTH))];
-    } catch (err) {
-      reply = this.#failed(req, err, start);
-    }
+    if (this.#session.export.node.writeNow === undefined || req.length === 0 || req.length >= DIRECT_READ_MIN) return false;
+    const reply = this.#tryWriteNow(req, queue.peek(req.length), start);
+    if (reply === null) return false;
     queue.skip(req.length);
-    // The budget's bytes (taken in the 'budget' state) held nothing.
-    if (this.#limits.budget !== undefined) this.#limits.budget.give(req.length);
-    this.#host.sendReply(reply);
+    this.#answerWrittenNow(req, reply);
     return true;
   }
 
@@ -406,22 +397,33 @@ export class Transmission {
    * buffer free again. False when the node cannot: it is then dispatched.
    */
   #writeLargeNow(req: Request, payload: Buffer, start: number): boolean {
-    const node = this.#session.export.node;
-    if (this.#host.writesLargeNow !== true || node.writeNow === undefined) return false;
-    let reply: Buffer[];
-    try {
-      if (!node.writeNow(req.offset, payload, { fua: (req.flags & NBD_CMD_FLAG_FUA) !== 0 })) return false;
-      this.#done(req, 0, req.length, start);
-      reply = [encodeSimpleReply(req.cookie, 0, replySpace(SIMPLE_REPLY_HEADER_LENGTH))];
-    } catch (err) {
-      reply = this.#failed(req, err, start);
-    }
+    if (this.#host.writesLargeNow !== true) return false;
+    const reply = this.#tryWriteNow(req, payload, start);
+    if (reply === null) return false;
     const pooled = this.#pooledPayloads.get(req);
     this.#pooledPayloads.delete(req);
     if (pooled !== undefined) this.#limits.pool!.release(pooled);
+    this.#answerWrittenNow(req, reply);
+    return true;
+  }
+
+  /** The reply to `data` written by BlockNode.writeNow, or null when the node cannot write it now. */
+  #tryWriteNow(req: Request, data: Buffer, start: number): Buffer[] | null {
+    const node = this.#session.export.node;
+    if (node.writeNow === undefined) return null;
+    try {
+      if (!node.writeNow(req.offset, data, { fua: (req.flags & NBD_CMD_FLAG_FUA) !== 0 })) return null;
+      this.#done(req, 0, req.length, start);
+      return [encodeSimpleReply(req.cookie, 0, replySpace(SIMPLE_REPLY_HEADER_LENGTH))];
+    } catch (err) {
+      return this.#failed(req, err, start);
+    }
+  }
+
+  #answerWrittenNow(req: Request, reply: Buffer[]): void {
+    // The budget's bytes (taken in the 'budget' state) held a payload that is written now.
     if (this.#limits.budget !== undefined) this.#limits.budget.give(req.length);
     this.#host.sendReply(reply);
-    return true;
   }
 
   /**
