@@ -556,6 +556,13 @@ export class Transmission {
     return this.#dataReply(req, data);
   }
 
+  /** All of a read's data as one final NBD_REPLY_TYPE_OFFSET_DATA chunk (see #dataReply for `space`). */
+  #dataChunk(req: Request, data: Buffer, space: Buffer | undefined): Buffer[] {
+    if (space === undefined) return [encodeChunkOffsetDataHeader(req.cookie, true, req.offset, req.length), data];
+    encodeChunkOffsetDataHeader(req.cookie, true, req.offset, req.length, space);
+    return [space];
+  }
+
   /**
    * The reply to a read that returned `data`. `space` (optional) holds
    * `data` at its end, with room for the header before it: a reply that is
@@ -568,20 +575,15 @@ export class Transmission {
       encodeSimpleReply(cookie, 0, space);
       return [space];
     }
-    const dataChunk = (): Buffer[] => {
-      if (space === undefined) return [encodeChunkOffsetDataHeader(cookie, true, offset, length), data];
-      encodeChunkOffsetDataHeader(cookie, true, offset, length, space);
-      return [space];
-    };
     // "NBD_CMD_READ": with DF, one data chunk.
-    if ((req.flags & NBD_CMD_FLAG_DF) !== 0) return dataChunk();
+    if ((req.flags & NBD_CMD_FLAG_DF) !== 0) return this.#dataChunk(req, data, space);
     // "NBD_REPLY_TYPE_OFFSET_HOLE": zero stretches (4 KiB granules) go as
     // holes, as qemu-nbd sends a file's holes. Checking the data costs a
     // memcmp per granule; asking the node for extents costs lseek calls
     // that are O(file) on tmpfs.
     if (isAllZero(data)) return [encodeChunkOffsetHole(cookie, true, offset, length)];
     const runs = zeroRuns(data, offset);
-    if (runs.length === 1) return dataChunk();
+    if (runs.length === 1) return this.#dataChunk(req, data, space);
     const parts: Buffer[] = [];
     runs.forEach((run, i) => {
       const done = i === runs.length - 1;
