@@ -12,7 +12,7 @@ import { DEFAULT_LIMITS, type TransmissionLimits } from './transmission.ts';
 import { silentLogger, type Logger } from './log.ts';
 import { ByteBudget } from './budget.ts';
 import { BufferPool } from './buffer-pool.ts';
-import { readThrough, SocketReader } from './socket-reader.ts';
+import { acceptThrough, readThrough, SocketReader } from './socket-reader.ts';
 
 /**
  * Eight maximum payloads (32 MiB each): with only two, a few clients asking
@@ -120,6 +120,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
   async listenTcp(host: string, port: number): Promise<net.AddressInfo> {
     const server = this.#makeListener(true);
     await listen(server, { host, port });
+    this.#acceptThrough(server);
     return server.address() as net.AddressInfo;
   }
 
@@ -133,6 +134,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
       fs.unlinkSync(path);
       await listen(server, { path });
     }
+    this.#acceptThrough(server);
   }
 
   /** Inherit an already listening socket (systemd socket activation). */
@@ -140,6 +142,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     const server = this.#makeListener(true);
     // net.Server.listen accepts a handle object { fd } in place of options.
     await listen(server, { fd } as net.ListenOptions);
+    this.#acceptThrough(server);
   }
 
   #makeListener(tcp: boolean): net.Server {
@@ -154,7 +157,13 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     return server;
   }
 
-  #accept(socket: net.Socket): void {
+  /** Once listening: accepted sockets read through a SocketReader from the start (see acceptThrough). */
+  #acceptThrough(server: net.Server): void {
+    if (this.#socketReader) acceptThrough(server, (socket, reader) => this.#accept(socket, reader));
+  }
+
+  /** `reader`: the socket already reads through it; else it is paused, and adopted here if we read through readers. */
+  #accept(socket: net.Socket, reader?: SocketReader): void {
     socket.on('error', () => {}); // reported by the connection once it has one
     const transport: Transport = socket.remoteAddress === undefined ? 'unix' : 'tcp';
     if (channels.accepted.hasSubscribers) channels.accepted.publish({ transport });
@@ -170,11 +179,15 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
       socket.destroy();
       return;
     }
-    // The listener accepts paused: the socket is handed to a SocketReader
-    // before anything is read from it.
-    const reader = this.#socketReader ? new SocketReader() : undefined;
-    const adopted = reader === undefined ? null : readThrough(socket, reader);
-    const client: Waiting = { socket: adopted ?? socket, reader: adopted === null ? undefined : reader, transport, early: [], earlyBytes: 0 };
+    let client: Waiting;
+    if (reader !== undefined) client = { socket, reader, transport, early: [], earlyBytes: 0 };
+    else {
+      // The listener accepts paused: the socket is handed to a SocketReader
+      // before anything is read from it.
+      const lender = this.#socketReader ? new SocketReader() : undefined;
+      const adopted = lender === undefined ? null : readThrough(socket, lender);
+      client = { socket: adopted ?? socket, reader: adopted === null ? undefined : lender, transport, early: [], earlyBytes: 0 };
+    }
     if (free) {
       this.#admit(client);
       return;
