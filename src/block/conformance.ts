@@ -338,6 +338,12 @@ export function runConformance(name: string, makeNode: MakeNode, opts: Conforman
                     slice.release();
                     assert.ok(bytes.equals(model.subarray(o.offset, end)), `file slice of [${o.offset}, +${len})`);
                   }
+                  // Where the node offers views of its memory, they hold the same bytes, and holes are zeroes.
+                  const views = node.readViews?.(o.offset, len) ?? null;
+                  if (views !== null) {
+                    const bytes = Buffer.concat(views.map((v) => (typeof v === 'number' ? Buffer.alloc(v) : v)));
+                    assert.ok(bytes.equals(model.subarray(o.offset, end)), `views of [${o.offset}, +${len})`);
+                  }
                   break;
                 }
                 case 'extents': {

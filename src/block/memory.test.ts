@@ -14,6 +14,25 @@ runConformance('memory stack (openBlockNode, defaults)', (size) => openBlockNode
 const t = { timeout: 10_000 };
 
 describe('MemoryNode', () => {
+  test('readViews: the chunks themselves for data, one number per stretch of holes', t, async () => {
+    const node = new MemoryNode(8 * 65536);
+    await node.write(65536 + 100, Buffer.from('abc'));
+    await node.write(2 * 65536, Buffer.alloc(65536, 0x62));
+    const runs = node.readViews(100, 6 * 65536);
+    assert.deepEqual(runs.map((r) => (typeof r === 'number' ? r : r.length)), [65536 - 100, 65536, 65536, 3 * 65536 + 100]);
+    const view = runs[1] as Buffer;
+    assert.equal(view.subarray(100, 103).toString(), 'abc');
+    // A view, not a copy: what it shows is what the memory holds when it is sent.
+    await node.write(65536 + 100, Buffer.from('xyz'));
+    assert.equal(view.subarray(100, 103).toString(), 'xyz');
+    // Checked: out of range is refused as read() refuses it; a closed node offers none.
+    const checked = await openBlockNode({ kind: 'memory', size: 65536 });
+    assert.throws(() => checked.readViews(1, 65536), (err: unknown) => err instanceof BlockError && err.code === 'EINVAL');
+    assert.deepEqual(checked.readViews(0, 65536), [65536]);
+    await checked.close();
+    assert.equal(checked.readViews(0, 65536), null);
+  });
+
   test('a 1 TiB disk costs nothing until written', t, async () => {
     const node = new MemoryNode(2 ** 40);
     assert.equal(node.allocatedBytes, 0);

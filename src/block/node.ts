@@ -15,6 +15,7 @@ import type {
   DiscardMode,
   Extent,
   FileSlice,
+  MemoryRun,
   WriteOptions,
   ZeroOptions,
 } from './types.ts';
@@ -106,6 +107,10 @@ export class ForwardingNode implements BlockNode {
 
   fileSlice(offset: number, length: number): FileSlice | null {
     return this.inner.fileSlice?.(offset, length) ?? null;
+  }
+
+  readViews(offset: number, length: number): MemoryRun[] | null {
+    return this.inner.readViews?.(offset, length) ?? null;
   }
 
   write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
@@ -219,6 +224,12 @@ export class CheckedNode implements BlockNode {
     if (this.#closed || length === 0 || this.#inner.fileSlice === undefined) return null;
     this.#check(offset, length);
     return this.#inner.fileSlice(offset, length);
+  }
+
+  readViews(offset: number, length: number): MemoryRun[] | null {
+    if (this.#closed || length === 0 || this.#inner.readViews === undefined) return null;
+    this.#check(offset, length);
+    return this.#inner.readViews(offset, length);
   }
 
   writeNow(offset: number, data: Buffer, opts?: WriteOptions): boolean {

@@ -120,9 +120,24 @@ export interface BlockNode {
    * after writes that resolve later; the fd stays open until release().
    */
   fileSlice?(offset: number, length: number): FileSlice | null;
+  /**
+   * The bytes a read of [offset, offset+length) would return, as views of
+   * this node's own memory, for a caller that sends them without copying
+   * them (a large read reply): runs in order that cover the range, each a
+   * Buffer of data, or a number of bytes that hold no data and read as
+   * zeroes. Optional, and null when the node cannot: the caller then calls
+   * read(). As with fileSlice, the bytes are those in memory when the caller
+   * takes them, which may be after writes that resolve later; the caller
+   * must not change them. A node that changes reads must not inherit this
+   * from the node it wraps.
+   */
+  readViews?(offset: number, length: number): MemoryRun[] | null;
   /** Flush (when writable) and release resources. Idempotent. */
   close(): Promise<void>;
 }
+
+/** A run of BlockNode.readViews: data in the node's memory, or this many bytes of zeroes that hold no data. */
+export type MemoryRun = Buffer | number;
 
 /** A range of an open file (see BlockNode.fileSlice). */
 export interface FileSlice {

@@ -2,7 +2,7 @@
 // shared block node (one per image, whatever the number of connections) and
 // the meta contexts offered on it. NBD wire details stay in server/.
 import type { BlockNode } from '../block/types.ts';
-export type { FileSlice } from '../block/types.ts';
+export type { FileSlice, MemoryRun } from '../block/types.ts';
 import { BaseAllocationContext } from '../meta/base-allocation.ts';
 import type { MetaContext } from '../meta/context.ts';
 import type { DirtyBitmapContext } from '../meta/dirty-bitmap-context.ts';

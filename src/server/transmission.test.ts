@@ -33,7 +33,8 @@ import type { Export } from '../exports/export.ts';
 import { OBSERVE_DONE, OBSERVE_START, type BackendError, type RequestEvent } from './events.ts';
 import { Transmission, DEFAULT_LIMITS, type TransmissionLimits } from './transmission.ts';
 import { ByteBudget } from './budget.ts';
-import type { WriteOptions } from '../block/types.ts';
+import type { MemoryRun, WriteOptions } from '../block/types.ts';
+import { isAllZero } from '../block/node.ts';
 import {
   deferred,
   FakeNode,
@@ -809,5 +810,82 @@ describe('Transmission: reads done on the spot (BlockNode.readNow)', () => {
     assert.equal(s.host.replies.length, 4, 'sending them lets the rest through');
     for (const sent of pending.splice(0)) sent();
     assert.ok(!s.tx.saturated);
+  });
+});
+
+/** Offers its bytes as views of its memory (BlockNode.readViews): 64 KiB pieces, all-zero ones as holes. */
+class ViewNode extends FakeNode {
+  readonly viewed: number[] = [];
+  readViews(offset: number, length: number): MemoryRun[] {
+    this.viewed.push(offset);
+    const runs: MemoryRun[] = [];
+    for (let pos = offset; pos < offset + length; ) {
+      const n = Math.min(64 * 1024 - (pos % (64 * 1024)), offset + length - pos);
+      const piece = this.data.subarray(pos, pos + n);
+      const last = runs.length - 1;
+      if (!isAllZero(piece)) runs.push(piece);
+      else if (last >= 0 && typeof runs[last] === 'number') (runs[last] as number) += n;
+      else runs.push(n);
+      pos += n;
+    }
+    return runs;
+  }
+}
+
+describe('Transmission: large reads sent as views of the node memory (BlockNode.readViews)', () => {
+  const KiB = 1024;
+  const a = Buffer.alloc(64 * KiB, 0x61);
+  const b = Buffer.alloc(64 * KiB, 0x62);
+  const viewSetup = (structured: boolean) => {
+    const node = new ViewNode(MiB);
+    node.fill(64 * KiB, a);
+    node.fill(128 * KiB, b);
+    return { node, s: setup({ spec: { node }, structured }) };
+  };
+
+  test('structured: holes as hole chunks, data side by side as one data chunk, uncopied by read()', t, async () => {
+    const { node, s } = viewSetup(true);
+    s.feed(rq(NBD_CMD_READ, 1n, 32 * KiB, 224 * KiB));
+    await waitFor(() => s.host.replies.length === 1);
+    const chunks = parseChunks(s.host.replies[0]!);
+    assert.deepEqual(chunks.map((c) => [c.type, c.flags, c.payload.readBigUInt64BE(0)]), [
+      [NBD_REPLY_TYPE_OFFSET_HOLE, 0, 32n * 1024n],
+      [NBD_REPLY_TYPE_OFFSET_DATA, 0, 64n * 1024n],
+      [NBD_REPLY_TYPE_OFFSET_HOLE, 1, 192n * 1024n],
+    ]);
+    assert.equal(chunks[0]!.payload.readUInt32BE(8), 32 * KiB);
+    assert.ok(chunks[1]!.payload.subarray(8).equals(Buffer.concat([a, b])));
+    assert.equal(chunks[2]!.payload.readUInt32BE(8), 64 * KiB);
+    assert.deepEqual(node.viewed, [32 * KiB]);
+    assert.deepEqual(node.calls.filter((c) => c.op === 'read'), [], 'no read() copied the data');
+    // Ending on data: the data chunk is the last.
+    s.feed(rq(NBD_CMD_READ, 2n, 0, 192 * KiB));
+    await waitFor(() => s.host.replies.length === 2);
+    assert.deepEqual(parseChunks(s.host.replies[1]!).map((c) => [c.type, c.flags, c.payload.length]), [
+      [NBD_REPLY_TYPE_OFFSET_HOLE, 0, 12],
+      [NBD_REPLY_TYPE_OFFSET_DATA, 1, 8 + 128 * KiB],
+    ]);
+  });
+
+  test('with DF, and with simple replies, holes go as zeroes in one piece of data', t, async () => {
+    const want = Buffer.concat([Buffer.alloc(32 * KiB), a, b, Buffer.alloc(200 * KiB)]);
+    const structured = viewSetup(true).s;
+    structured.feed(rq(NBD_CMD_READ, 3n, 32 * KiB, want.length, NBD_CMD_FLAG_DF));
+    await waitFor(() => structured.host.replies.length === 1);
+    const chunks = parseChunks(structured.host.replies[0]!);
+    assert.deepEqual(chunks.map((c) => [c.type, c.flags, c.payload.readBigUInt64BE(0)]), [[NBD_REPLY_TYPE_OFFSET_DATA, 1, 32n * 1024n]]);
+    assert.ok(chunks[0]!.payload.subarray(8).equals(want));
+    const simple = viewSetup(false);
+    simple.s.feed(rq(NBD_CMD_READ, 4n, 32 * KiB, want.length));
+    await waitFor(() => simple.s.host.replies.length === 1);
+    const reply = parseSimpleReply(simple.s.host.replies[0]!);
+    assert.equal(reply.error, 0);
+    assert.ok(reply.data.equals(want));
+    assert.deepEqual(simple.node.calls.filter((c) => c.op === 'read'), []);
+    // Under 64 KiB a read is copied as before; the views are for large replies.
+    simple.s.feed(rq(NBD_CMD_READ, 5n, 64 * KiB, 4 * KiB));
+    await waitFor(() => simple.s.host.replies.length === 2);
+    assert.ok(parseSimpleReply(simple.s.host.replies[1]!).data.equals(a.subarray(0, 4 * KiB)));
+    assert.deepEqual(simple.node.viewed, [32 * KiB]);
   });
 });

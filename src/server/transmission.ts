@@ -46,7 +46,7 @@ import { exportFlags } from './flags.ts';
 import type { ByteBudget } from './budget.ts';
 import type { BufferPool } from './buffer-pool.ts';
 import type { Session } from './negotiation.ts';
-import type { FileSlice } from '../exports/export.ts';
+import type { FileSlice, MemoryRun } from '../exports/export.ts';
 import type { ReplyPart } from './reply-writer.ts';
 import { replySpace, unusedReplySpace } from './reply-space.ts';
 
@@ -77,6 +77,9 @@ const DIRECT_READ_MIN = 64 * 1024;
  * reply joins the batch's one writev.
  */
 const FILE_SLICE_MIN = 64 * 1024;
+
+/** Zeroes sent for holes of BlockNode.readViews where a reply cannot say "hole"; never written. */
+const ZEROES = Buffer.alloc(64 * 1024);
 
 /** "NBD_CMD_BLOCK_STATUS": SHOULD NOT send more than 2^20 descriptors per chunk. */
 const MAX_DESCRIPTORS = 1 << 20;
@@ -546,6 +549,8 @@ export class Transmission {
       const header = this.#session.structuredReplies ? encodeChunkOffsetDataHeader(cookie, true, offset, length) : encodeSimpleReply(cookie, 0);
       return [header, slice];
     }
+    const views = length >= FILE_SLICE_MIN ? (node.readViews?.(offset, length) ?? null) : null;
+    if (views !== null) return this.#viewsReply(req, views);
     const pooled = this.#limits.pool?.get(length);
     const data = await node.read(offset, length, pooled);
     if (pooled !== undefined) {
@@ -554,6 +559,44 @@ export class Transmission {
       else this.#limits.pool!.release(pooled);
     }
     return this.#dataReply(req, data);
+  }
+
+  /**
+   * The reply to a read answered with views of the node's memory
+   * (BlockNode.readViews): the data goes as it lies, uncopied and unscanned;
+   * what holds no data goes as hole chunks, or as zeroes where the reply
+   * cannot carry holes (simple replies, DF).
+   */
+  #viewsReply(req: Request, runs: MemoryRun[]): Buffer[] {
+    const { offset, length, cookie } = req;
+    const end = offset + length;
+    if (!this.#session.structuredReplies || (req.flags & NBD_CMD_FLAG_DF) !== 0) {
+      const parts = [this.#session.structuredReplies ? encodeChunkOffsetDataHeader(cookie, true, offset, length) : encodeSimpleReply(cookie, 0)];
+      for (const run of runs) {
+        if (typeof run !== 'number') parts.push(run);
+        else for (let left = run; left > 0; left -= ZEROES.length) parts.push(ZEROES.subarray(0, Math.min(left, ZEROES.length)));
+      }
+      return parts;
+    }
+    const parts: Buffer[] = [];
+    let pos = offset;
+    for (let i = 0; i < runs.length; ) {
+      const run = runs[i]!;
+      if (typeof run === 'number') {
+        parts.push(encodeChunkOffsetHole(cookie, pos + run === end, pos, run));
+        pos += run;
+        i++;
+        continue;
+      }
+      // Data runs side by side go as one chunk.
+      let j = i;
+      let n = 0;
+      for (; j < runs.length && typeof runs[j] !== 'number'; j++) n += (runs[j] as Buffer).length;
+      parts.push(encodeChunkOffsetDataHeader(cookie, pos + n === end, pos, n));
+      for (; i < j; i++) parts.push(runs[i] as Buffer);
+      pos += n;
+    }
+    return parts;
   }
 
   /** All of a read's data as one final NBD_REPLY_TYPE_OFFSET_DATA chunk (see #dataReply for `space`). */
