@@ -235,7 +235,7 @@ export class Connection {
   #enterTransmission(session: Session): void {
     clearTimeout(this.#handshakeTimer);
     this.#session = session;
-    if (this.transport === 'unix') this.#writer.widenSendBufferForSlices();
+    if (this.transport === 'unix') this.#writer.widenSendBufferForLargeReplies();
     if (this.#owner.log.infoEnabled) this.#logHandshake(session);
     this.#owner.negotiated?.(this, session);
     const owner = this.#owner;

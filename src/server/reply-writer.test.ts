@@ -93,7 +93,7 @@ async function writesInOrder(viaSendfile: boolean): Promise<void> {
     client.pause();
     const writer = new ReplyWriter(server);
     assert.equal(writer.sendsFiles, viaSendfile);
-    writer.widenSendBufferForSlices();
+    writer.widenSendBufferForLargeReplies();
     const { batches: all, expected } = batches();
     const received = collect(client);
     let done = 0;

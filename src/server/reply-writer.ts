@@ -17,7 +17,10 @@ export type ReplyPart = Buffer | FileSlice;
 /** Parts at least this long are written as they are; smaller ones are copied together. */
 const COALESCE_BELOW = 16 * 1024;
 
-/** SO_SNDBUF asked for on Unix sockets that send slices (see widenSendBufferForSlices). */
+/** A part at least this long makes a reply large (see widenSendBufferForLargeReplies). */
+const LARGE_REPLY = 64 * 1024;
+
+/** SO_SNDBUF asked for on Unix sockets that send large replies (see widenSendBufferForLargeReplies). */
 const UNIX_SEND_BUFFER = 4 * 1024 * 1024;
 
 const EPIPE = 32;
@@ -54,12 +57,15 @@ export class ReplyWriter {
   #held = 0;
   #onIdle: (() => void) | undefined;
   #bytesByFile = 0;
-  /** Set SO_SNDBUF at the next slice (see widenSendBufferForSlices). */
+  /** Set SO_SNDBUF at the next large reply (see widenSendBufferForLargeReplies). */
   #widen = false;
+  /** The socket's fd, for SO_SNDBUF; -1 when it has none. */
+  readonly #socketFd: number;
 
   constructor(socket: Socket) {
     this.#socket = socket;
-    this.#fd = sendfileAvailable() ? socketFd(socket) : -1;
+    this.#socketFd = socketFd(socket);
+    this.#fd = sendfileAvailable() ? this.#socketFd : -1;
   }
 
   /** Whether slices go by sendfile (else they are read, which works but gains nothing). */
@@ -68,15 +74,16 @@ export class ReplyWriter {
   }
 
   /**
-   * Give this (Unix) socket a larger send buffer before its first slice.
-   * Linux gives a Unix socket 208 KiB (net.core.wmem_default) and never
-   * grows it, so a reader of 1 MiB replies stalled the sender five times
-   * per reply; 4 MiB (capped by net.core.wmem_max) made sequential reads
-   * 1.45x and nbdcopy 1.25-1.5x faster on this machine. TCP grows its
-   * buffer itself, and setting one would switch that off. Asked for at the
-   * first slice, so that short connections do not pay the syscall.
+   * Give this (Unix) socket a larger send buffer before its first large
+   * reply (a file slice, or buffers of at least LARGE_REPLY bytes). Linux
+   * gives a Unix socket 208 KiB (net.core.wmem_default) and never grows it,
+   * so a reader of 1 MiB replies stalled the sender five times per reply;
+   * 4 MiB (capped by net.core.wmem_max) made sequential reads 1.45x and
+   * nbdcopy 1.25-1.5x faster on this machine. TCP grows its buffer itself,
+   * and setting one would switch that off. Asked for at the first large
+   * reply, so that short connections and small I/O do not pay the syscall.
    */
-  widenSendBufferForSlices(): void {
+  widenSendBufferForLargeReplies(): void {
     this.#widen = true;
   }
 
@@ -136,7 +143,13 @@ export class ReplyWriter {
     }
   };
 
+  #widenNow(): void {
+    this.#widen = false;
+    if (this.#socketFd >= 0) setSendBuffer(this.#socketFd, UNIX_SEND_BUFFER);
+  }
+
   #writeBuffers(buffers: Buffer[], done: (() => void)[]): void {
+    if (this.#widen && hasLargePart(buffers)) this.#widenNow();
     const parts = coalesceSmall(buffers);
     if (parts.length === 0) {
       for (const cb of done) cb();
@@ -202,10 +215,7 @@ export class ReplyWriter {
     // Nothing may be queued in Node when sendfile writes; every write goes
     // through this class, so only a write that bypassed it could be.
     if (this.#fd >= 0 && this.#socket.writableLength === 0) {
-      if (this.#widen) {
-        this.#widen = false;
-        setSendBuffer(this.#fd, UNIX_SEND_BUFFER);
-      }
+      if (this.#widen) this.#widenNow();
       while (b.sent < slice.length) {
         const n = sendFile(this.#fd, slice.fd, slice.position + b.sent, slice.length - b.sent);
         if (n === 'again') {
@@ -261,6 +271,11 @@ export class ReplyWriter {
     }
     return buf;
   }
+}
+
+function hasLargePart(buffers: Buffer[]): boolean {
+  for (const b of buffers) if (b.length >= LARGE_REPLY) return true;
+  return false;
 }
 
 /** True when no part is a slice (the common batch: one check per part, no closure per batch). */
