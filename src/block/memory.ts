@@ -56,6 +56,16 @@ export class MemoryNode implements BlockNode {
     return Math.min(this.#chunkSize, this.size - index * this.#chunkSize);
   }
 
+  /** Chunk `index`, allocated (zeroed) if it was not. */
+  #chunk(index: number): Buffer {
+    let chunk = this.#chunks.get(index);
+    if (chunk === undefined) {
+      chunk = Buffer.alloc(this.#chunkLength(index));
+      this.#chunks.set(index, chunk);
+    }
+    return chunk;
+  }
+
   /** Call fn for each chunk piece of [offset, offset+length): chunk index, offset in chunk, length, offset in range. */
   #each(offset: number, length: number, fn: (index: number, at: number, n: number, done: number) => void): void {
     let done = 0;
@@ -76,6 +86,15 @@ export class MemoryNode implements BlockNode {
   /** Every read is a copy out of memory: done before returning. */
   readNow(offset: number, length: number, into?: Buffer): Buffer {
     const out = into === undefined ? Buffer.allocUnsafe(length) : into.subarray(0, length);
+    // Within one chunk (a small read, the common case): no closure, one lookup.
+    const index = Math.floor(offset / this.#chunkSize);
+    const at = offset - index * this.#chunkSize;
+    if (at + length <= this.#chunkSize) {
+      const chunk = this.#chunks.get(index);
+      if (chunk === undefined) out.fill(0);
+      else chunk.copy(out, 0, at, at + length);
+      return out;
+    }
     this.#each(offset, length, (index, at, n, done) => {
       const chunk = this.#chunks.get(index);
       if (chunk === undefined) out.fill(0, done, done + n);
@@ -107,13 +126,15 @@ export class MemoryNode implements BlockNode {
 
   /** Every write is a copy into memory: done before returning (data is not kept). */
   writeNow(offset: number, data: Buffer, _opts?: WriteOptions): boolean {
+    if (data.length === 0) return true;
+    const index = Math.floor(offset / this.#chunkSize);
+    const at = offset - index * this.#chunkSize;
+    if (at + data.length <= this.#chunkSize) {
+      data.copy(this.#chunk(index), at);
+      return true;
+    }
     this.#each(offset, data.length, (index, at, n, done) => {
-      let chunk = this.#chunks.get(index);
-      if (chunk === undefined) {
-        chunk = Buffer.alloc(this.#chunkLength(index));
-        this.#chunks.set(index, chunk);
-      }
-      data.copy(chunk, at, done, done + n);
+      data.copy(this.#chunk(index), at, done, done + n);
     });
     return true;
   }
