@@ -8,7 +8,8 @@
 //
 //   npm run fuzz -- [--seconds N] [--cases N] [--from I] [--seed N] [--replay I[-J]]
 //                   [--parallel N] [--check-every N] [--max-rss-mib N]
-//                   [--image memory|raw] [--probe-every N] [--probe KIND,...|all]
+//                   [--image memory|raw] [--transport unix|tcp]
+//                   [--probe-every N] [--probe KIND,...|all]
 //                   [--server-cmd 'qemu-nbd -f raw -k $SOCK -t -e 0 $IMAGE']
 //                   [--save DIR] [-v]
 //
@@ -1105,9 +1106,11 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 /** A sleep that does not keep the process alive (for races against it). */
 const unrefSleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms).unref());
 
+/** `sock`: a Unix socket's path, or tcp:HOST:PORT. */
 function connect(sock: string): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
-    const s = net.createConnection(sock);
+    const tcp = /^tcp:(.+):(\d+)$/.exec(sock);
+    const s = tcp === null ? net.createConnection(sock) : net.createConnection({ host: tcp[1]!, port: Number(tcp[2]), noDelay: true });
     s.once('connect', () => {
       s.off('error', reject);
       resolve(s);
@@ -1610,6 +1613,18 @@ async function floodProbe(sock: string, kind: ProbeKind, rng: Rng, size: number,
 
 // ---------------------------------------------------------------- the server
 
+/** A TCP port on 127.0.0.1 that nothing listens on just now. */
+function freeLoopbackPort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const probe = net.createServer();
+    probe.once('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const { port } = probe.address() as net.AddressInfo;
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
 class Server {
   readonly proc: ChildProcess;
   readonly sock: string;
@@ -1618,8 +1633,10 @@ class Server {
   exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
   readonly exited: Promise<void>;
 
-  constructor(dir: string, serverCmd: string | undefined, image: 'memory' | 'raw', verbose: boolean) {
-    this.sock = path.join(dir, 'nbd.sock');
+  /** `port`: listen on it on 127.0.0.1 instead of a Unix socket (the default server only). */
+  constructor(dir: string, serverCmd: string | undefined, image: 'memory' | 'raw', verbose: boolean, port?: number) {
+    if (port !== undefined && serverCmd !== undefined) throw new Error('--transport tcp needs the default server');
+    this.sock = port === undefined ? path.join(dir, 'nbd.sock') : `tcp:127.0.0.1:${port}`;
     const file = path.join(dir, 'disk.img');
     if (serverCmd !== undefined || image === 'raw') {
       fs.writeFileSync(file, '');
@@ -1627,7 +1644,8 @@ class Server {
     }
     if (serverCmd === undefined) {
       const disk = image === 'raw' ? ['-f', 'raw', file] : ['memory:64M'];
-      this.proc = spawn(SERVER_BIN, ['-t', '-e', '0', '--handshake-limit', String(HANDSHAKE_LIMIT), '-k', this.sock, ...disk], {
+      const listen = port === undefined ? ['-k', this.sock] : ['--bind', '127.0.0.1', '-p', String(port)];
+      this.proc = spawn(SERVER_BIN, ['-t', '-e', '0', '--handshake-limit', String(HANDSHAKE_LIMIT), ...listen, ...disk], {
         stdio: ['ignore', 'inherit', 'pipe'],
       });
     } else {
@@ -1717,6 +1735,12 @@ export interface FuzzOptions {
   serverCmd?: string;
   /** The default server's disk: memory:64M, or a 64 MiB raw file. */
   image: 'memory' | 'raw';
+  /**
+   * Where the default server listens: a Unix socket, or a free port on
+   * 127.0.0.1 (TCP has its own paths: large writes done on the event loop,
+   * no sendfile send-buffer widening).
+   */
+  transport: 'unix' | 'tcp';
   /** Connections fuzzed at once. */
   parallel: number;
   /** Cases between two checks by the well-behaved client (at most 50). */
@@ -1768,6 +1792,7 @@ export const DEFAULT_OPTIONS: Omit<FuzzOptions, 'seed'> = {
   cases: Infinity,
   from: 0,
   image: 'memory',
+  transport: 'unix',
   parallel: 4,
   checkEvery: 20,
   probeEvery: 10,
@@ -1796,7 +1821,7 @@ export async function runFuzz(options: Partial<FuzzOptions> & { seed: number }):
   const checkEvery = Math.max(1, Math.min(50, opts.checkEvery));
   const seed = opts.seed >>> 0;
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-fuzz-'));
-  const server = new Server(dir, opts.serverCmd, opts.image, opts.verbose);
+  const server = new Server(dir, opts.serverCmd, opts.image, opts.verbose, opts.transport === 'tcp' ? await freeLoopbackPort() : undefined);
   const failures: FuzzFailure[] = [];
   const fail = (kind: string, cases: [number, number], detail: string, replay?: string): void => {
     const range = cases[0] === cases[1] ? `${cases[0]}` : `${cases[0]}-${cases[1]}`;
@@ -1843,7 +1868,7 @@ export async function runFuzz(options: Partial<FuzzOptions> & { seed: number }):
       idle = new Wire(await connect(server.sock));
       idleOpened = Date.now();
     }
-    log(`fuzzing ${opts.serverCmd ?? SERVER_BIN} (pid ${server.pid}), export of ${size} bytes, seed ${seed}`);
+    log(`fuzzing ${opts.serverCmd ?? SERVER_BIN} (pid ${server.pid}) on ${server.sock}, export of ${size} bytes, seed ${seed}`);
     started = performance.now();
 
     /** Liveness, the check client, RSS and the server's log, after cases first..last. */
@@ -2053,6 +2078,7 @@ async function main(argv: string[]): Promise<number> {
       replay: { type: 'string' },
       'server-cmd': { type: 'string' },
       image: { type: 'string' },
+      transport: { type: 'string' },
       parallel: { type: 'string' },
       'check-every': { type: 'string' },
       'max-rss-mib': { type: 'string' },
@@ -2082,6 +2108,7 @@ async function main(argv: string[]): Promise<number> {
     probeOnly = values.probe === 'all' ? [...PROBES] : (values.probe.split(',') as ProbeKind[]);
     for (const k of probeOnly) if (!PROBES.includes(k)) throw new Error(`--probe: one of ${PROBES.join(', ')}, or all`);
   }
+  if (values.transport !== undefined && values.transport !== 'unix' && values.transport !== 'tcp') throw new Error(`--transport: unix or tcp, not ${values.transport}`);
   console.log(`nbd-export fuzz: seed ${seed} (replay with --seed ${seed})`);
   const result = await runFuzz({
     seed,
@@ -2092,6 +2119,7 @@ async function main(argv: string[]): Promise<number> {
     ...(probeOnly !== undefined ? { probeOnly } : {}),
     ...(values['server-cmd'] !== undefined ? { serverCmd: values['server-cmd'] } : {}),
     ...(values.image === 'raw' || values.image === 'memory' ? { image: values.image } : {}),
+    ...(values.transport === 'unix' || values.transport === 'tcp' ? { transport: values.transport } : {}),
     ...(values.parallel !== undefined ? { parallel: num(values.parallel, 'parallel')! } : {}),
     ...(values['check-every'] !== undefined ? { checkEvery: num(values['check-every'], 'check-every')! } : {}),
     ...(values['probe-every'] !== undefined ? { probeEvery: num(values['probe-every'], 'probe-every')! } : {}),
