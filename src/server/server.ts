@@ -120,7 +120,6 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
   async listenTcp(host: string, port: number): Promise<net.AddressInfo> {
     const server = this.#makeListener(true);
     await listen(server, { host, port });
-    this.#acceptThrough(server);
     return server.address() as net.AddressInfo;
   }
 
@@ -134,7 +133,6 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
       fs.unlinkSync(path);
       await listen(server, { path });
     }
-    this.#acceptThrough(server);
   }
 
   /** Inherit an already listening socket (systemd socket activation). */
@@ -142,7 +140,6 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     const server = this.#makeListener(true);
     // net.Server.listen accepts a handle object { fd } in place of options.
     await listen(server, { fd } as net.ListenOptions);
-    this.#acceptThrough(server);
   }
 
   #makeListener(tcp: boolean): net.Server {
@@ -153,13 +150,10 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     server.on('error', (err) => {
       if (server.listening) this.log.error(`listener: ${err.message}`);
     });
+    // Once listening, the handle exists: accepted sockets then read through a SocketReader from the start.
+    if (this.#socketReader) server.once('listening', () => acceptThrough(server, (socket, reader) => this.#accept(socket, reader)));
     this.#listeners.push(server);
     return server;
-  }
-
-  /** Once listening: accepted sockets read through a SocketReader from the start (see acceptThrough). */
-  #acceptThrough(server: net.Server): void {
-    if (this.#socketReader) acceptThrough(server, (socket, reader) => this.#accept(socket, reader));
   }
 
   /** `reader`: the socket already reads through it; else it is paused, and adopted here if we read through readers. */
