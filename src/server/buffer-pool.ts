@@ -2,16 +2,41 @@
 // written. A fresh large Buffer is fresh memory: the kernel zeroes every page
 // on first touch, and the garbage collector must find it again; a profile of
 // 1 MiB sequential reads spent more time there than in the reads.
+//
+// A burst of large I/O fills the pool; a daemon that then sits idle or
+// serves small requests should not keep that memory. Every sweep lets go of
+// the buffers that no get() needed since the previous sweep, so steady
+// traffic keeps what it uses and a finished burst is let go within two sweep
+// intervals. Only a garbage collection frees that memory, and V8 ran none in
+// 30 s of an idle server after a burst, so a sweep that lets go of enough
+// runs one itself where node exposes it (bin/nbd-export passes --expose-gc).
 
 const MIN_POOLED = 64 * 1024;
+/** How often buffers unused since the last sweep are let go. */
+const SWEEP_MS = 2000;
+/** Bytes let go at one sweep that are worth a full garbage collection. */
+const COLLECT_AFTER = 4 * 1024 * 1024;
+/** `global.gc` where node runs with --expose-gc (bin/nbd-export does). */
+const collectGarbage = (globalThis as { gc?: () => void }).gc;
 
 export class BufferPool {
   readonly #free = new Map<number, Buffer[]>();
+  /** Per size class, the fewest free buffers since the last sweep: that many sat unused all along. */
+  readonly #unused = new Map<number, number>();
   readonly #maxRetained: number;
+  readonly #sweepMs: number;
   #retained = 0;
+  #timer: NodeJS.Timeout | undefined;
 
-  constructor(maxRetained: number) {
+  /** `sweepMs` 0: never sweep by itself (sweep() still works). */
+  constructor(maxRetained: number, sweepMs = SWEEP_MS) {
     this.#maxRetained = maxRetained;
+    this.#sweepMs = sweepMs;
+  }
+
+  /** Bytes held for reuse. */
+  get retained(): number {
+    return this.#retained;
   }
 
   /** A buffer of exactly `length` bytes (contents undefined), or undefined below the pooled size. */
@@ -22,6 +47,8 @@ export class BufferPool {
     const buf = list?.pop();
     if (buf === undefined) return Buffer.allocUnsafeSlow(size).subarray(0, length);
     this.#retained -= size;
+    const unused = this.#unused.get(size);
+    if (unused !== undefined && list!.length < unused) this.#unused.set(size, list!.length);
     return buf.subarray(0, length);
   }
 
@@ -29,10 +56,46 @@ export class BufferPool {
   release(buf: Buffer): void {
     const size = buf.buffer.byteLength;
     if (size < MIN_POOLED || size !== sizeClass(size) || this.#retained + size > this.#maxRetained) return;
-    const list = this.#free.get(size) ?? [];
+    let list = this.#free.get(size);
+    if (list === undefined) {
+      list = [];
+      this.#free.set(size, list);
+      // It held none at the last sweep, so none of it has sat unused a whole interval.
+      this.#unused.set(size, 0);
+    }
     list.push(Buffer.from(buf.buffer, 0, size));
-    this.#free.set(size, list);
     this.#retained += size;
+    if (this.#timer === undefined && this.#sweepMs > 0) this.#arm();
+  }
+
+  /** Let go of the buffers no get() took since the previous sweep; returns the bytes let go. */
+  sweep(): number {
+    let dropped = 0;
+    for (const [size, list] of this.#free) {
+      // get() pops from the end, so the front holds the longest unused.
+      const n = Math.min(this.#unused.get(size) ?? 0, list.length);
+      if (n > 0) list.splice(0, n);
+      dropped += n * size;
+      if (list.length === 0) {
+        this.#free.delete(size);
+        this.#unused.delete(size);
+      } else {
+        this.#unused.set(size, list.length);
+      }
+    }
+    this.#retained -= dropped;
+    return dropped;
+  }
+
+  #arm(): void {
+    this.#timer = setTimeout(() => {
+      this.#timer = undefined;
+      const dropped = this.sweep();
+      if (dropped >= COLLECT_AFTER) collectGarbage?.();
+      if (this.#retained > 0) this.#arm();
+    }, this.#sweepMs);
+    // An idle pool must not keep the process alive.
+    this.#timer.unref();
   }
 }
 
