@@ -194,6 +194,8 @@ async function serve(
     persistent: config.persistent,
     handshakeLimitMs: config.handshakeLimitSeconds * 1000,
     log,
+    // NBD_EXPORT_NET_SOCKETS=1 keeps net.Socket for every client (see src/server/wire.ts).
+    rawSockets: process.env.NBD_EXPORT_NET_SOCKETS !== '1',
   });
   current.server = server;
 

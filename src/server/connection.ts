@@ -2,7 +2,6 @@
 // negotiation then the transmission phase, and applies backpressure: the
 // socket stops being read while the transmission phase is saturated or the
 // client is not reading our replies, and resumes when that clears.
-import type { Socket } from 'node:net';
 import { ByteQueue } from '../protocol/byte-queue.ts';
 import { optionName } from '../protocol/names.ts';
 import type { ExportRegistry } from '../exports/registry.ts';
@@ -12,6 +11,7 @@ import { MAX_OPTIONS_KEPT, Negotiation, type Session } from './negotiation.ts';
 import { Transmission, type TransmissionLimits } from './transmission.ts';
 import type { Logger } from './log.ts';
 import type { SocketReader } from './socket-reader.ts';
+import type { ClientSocket } from './wire.ts';
 import { ReplyWriter, type ReplyPart } from './reply-writer.ts';
 
 /** Unread option replies at which a negotiating client stops being read. */
@@ -48,7 +48,7 @@ export interface CloseSummary {
 
 export class Connection {
   readonly id: number;
-  readonly socket: Socket;
+  readonly socket: ClientSocket;
   readonly transport: Transport;
   readonly #owner: ConnectionOwner;
   readonly #queue = new ByteQueue();
@@ -74,7 +74,7 @@ export class Connection {
 
   constructor(
     id: number,
-    socket: Socket,
+    socket: ClientSocket,
     owner: ConnectionOwner,
     transport: Transport = socket.remoteAddress === undefined ? 'unix' : 'tcp',
     reader?: SocketReader,

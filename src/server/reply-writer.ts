@@ -7,10 +7,10 @@
 // Node's write queue, so a slice waits until every write before it is with
 // the kernel, and writes after it wait for the slice.
 import fs from 'node:fs';
-import type { Socket } from 'node:net';
 import type { FileSlice } from '../exports/export.ts';
 import { inReplySpace } from './reply-space.ts';
 import { sendFile, sendfileAvailable, setSendBuffer } from './sendfile.ts';
+import { Wire, type ClientSocket } from './wire.ts';
 
 export type ReplyPart = Buffer | FileSlice;
 
@@ -36,15 +36,16 @@ interface Batch {
   readonly done: (() => void)[];
 }
 
-/** The fd under a net.Socket, or -1 (no handle, not a file descriptor, or TLS: its bytes are not the file's). */
-function socketFd(socket: Socket): number {
+/** The fd under a Wire or net.Socket, or -1 (no handle, not a file descriptor, or TLS: its bytes are not the file's). */
+function socketFd(socket: ClientSocket): number {
+  if (socket instanceof Wire) return socket.fd;
   if ((socket as { encrypted?: boolean }).encrypted === true) return -1;
   const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
   return typeof fd === 'number' && fd >= 0 ? fd : -1;
 }
 
 export class ReplyWriter {
-  readonly #socket: Socket;
+  readonly #socket: ClientSocket;
   /** Where sendfile writes; -1 when slices are read into buffers instead. */
   #fd: number;
   /** Batches holding a slice, and every batch queued after one. */
@@ -62,7 +63,7 @@ export class ReplyWriter {
   /** The socket's fd, for SO_SNDBUF; -1 when it has none. */
   readonly #socketFd: number;
 
-  constructor(socket: Socket) {
+  constructor(socket: ClientSocket) {
     this.#socket = socket;
     this.#socketFd = socketFd(socket);
     this.#fd = sendfileAvailable() ? this.#socketFd : -1;

@@ -13,6 +13,7 @@ import { silentLogger, type Logger } from './log.ts';
 import { ByteBudget } from './budget.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { acceptThrough, readThrough, SocketReader } from './socket-reader.ts';
+import type { ClientSocket } from './wire.ts';
 
 /**
  * Eight maximum payloads (32 MiB each): with only two, a few clients asking
@@ -32,7 +33,7 @@ const MAX_EARLY_BYTES = 64 * 1024;
 
 /** An accepted client: admitted at once, or waiting for a slot. */
 interface Waiting {
-  socket: net.Socket;
+  socket: ClientSocket;
   /** Set when the socket reads through it. */
   reader: SocketReader | undefined;
   transport: Transport;
@@ -65,6 +66,12 @@ export interface ServerOptions {
    * reads them from 'data' events, as when Node will not hand a socket over.
    */
   socketReader?: boolean;
+  /**
+   * With socketReader: drive accepted handles as Wires, without a
+   * net.Socket (default true; see wire.ts). Falls back to net.Socket where
+   * this Node does not allow it.
+   */
+  rawSockets?: boolean;
 }
 
 export interface ServerEvents {
@@ -81,6 +88,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
   readonly log: Logger;
   readonly #maxConnections: number;
   readonly #socketReader: boolean;
+  readonly #rawSockets: boolean;
   readonly #persistent: boolean;
   readonly #maxWaiting: number;
   readonly #listeners: net.Server[] = [];
@@ -103,6 +111,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     this.log = opts.log ?? silentLogger;
     this.#maxConnections = opts.maxConnections;
     this.#socketReader = opts.socketReader ?? true;
+    this.#rawSockets = opts.rawSockets ?? true;
     this.#persistent = opts.persistent;
     this.#maxWaiting = opts.maxWaiting ?? 1024;
   }
@@ -151,13 +160,13 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
       if (server.listening) this.log.error(`listener: ${err.message}`);
     });
     // Once listening, the handle exists: accepted sockets then read through a SocketReader from the start.
-    if (this.#socketReader) server.once('listening', () => acceptThrough(server, (socket, reader) => this.#accept(socket, reader)));
+    if (this.#socketReader) server.once('listening', () => acceptThrough(server, (socket, reader) => this.#accept(socket, reader), this.#rawSockets));
     this.#listeners.push(server);
     return server;
   }
 
   /** `reader`: the socket already reads through it; else it is paused, and adopted here if we read through readers. */
-  #accept(socket: net.Socket, reader?: SocketReader): void {
+  #accept(socket: ClientSocket, reader?: SocketReader): void {
     socket.on('error', () => {}); // reported by the connection once it has one
     const transport: Transport = socket.remoteAddress === undefined ? 'unix' : 'tcp';
     if (channels.accepted.hasSubscribers) channels.accepted.publish({ transport });
@@ -179,7 +188,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
       // The listener accepts paused: the socket is handed to a SocketReader
       // before anything is read from it.
       const lender = this.#socketReader ? new SocketReader() : undefined;
-      const adopted = lender === undefined ? null : readThrough(socket, lender);
+      const adopted = lender === undefined ? null : readThrough(socket as net.Socket, lender);
       client = { socket: adopted ?? socket, reader: adopted === null ? undefined : lender, transport, early: [], earlyBytes: 0 };
     }
     if (free) {

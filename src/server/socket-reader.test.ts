@@ -6,6 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import { acceptThrough, readThrough, SocketReader } from './socket-reader.ts';
+import { Wire, type ClientSocket } from './wire.ts';
 import { waitFor } from './test-helpers.ts';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-reader-'));
@@ -194,39 +195,45 @@ test('a socket that is already gone is not adopted', { timeout: 10_000 }, async 
   }
 });
 
-test('acceptThrough: the listener builds each socket reading through its own reader; replies and half-close work', { timeout: 20_000 }, async () => {
-  const sock = path.join(dir, `s${counter++}`);
-  const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, () => assert.fail('no connection event once accepts go through'));
-  assert.equal(acceptThrough(server, () => {}), false, 'no handle before listening');
-  await new Promise<void>((resolve) => server.listen(sock, resolve));
-  const accepted: { socket: net.Socket; reader: SocketReader }[] = [];
-  assert.equal(
-    acceptThrough(server, (socket, reader) => {
-      accepted.push({ socket, reader });
-      // Echo what the reader lends, upper-cased; answer a half-close with the rest.
-      reader.sink = (chunk) => socket.write(Buffer.from(chunk.toString('latin1').toUpperCase(), 'latin1'));
-      socket.on('end', () => socket.end('.'));
-    }),
-    true,
-  );
-  const clients: net.Socket[] = [];
-  try {
-    const talk = async (word: string): Promise<string> => {
-      const client = net.connect(sock);
-      clients.push(client);
-      let got = '';
-      client.on('data', (d: Buffer) => (got += d.toString('latin1')));
-      await new Promise<void>((resolve) => client.once('connect', resolve));
-      client.end(word);
-      await new Promise<void>((resolve) => client.once('end', resolve));
-      return got;
-    };
-    assert.deepEqual(await Promise.all([talk('one'), talk('two')]), ['ONE.', 'TWO.']);
-    assert.equal(accepted.length, 2);
-    assert.notEqual(accepted[0]!.reader, accepted[1]!.reader, 'a reader per connection');
-  } finally {
-    for (const c of clients) c.destroy();
-    for (const a of accepted) a.socket.destroy();
-    await new Promise<void>((resolve) => server.close(() => resolve()));
-  }
-});
+for (const raw of [false, true]) {
+  test(`acceptThrough${raw ? ' (raw, Wire)' : ''}: the listener builds each socket reading through its own reader; replies and half-close work`, { timeout: 20_000 }, async () => {
+    const sock = path.join(dir, `s${counter++}`);
+    const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, () => assert.fail('no connection event once accepts go through'));
+    assert.equal(acceptThrough(server, () => {}), false, 'no handle before listening');
+    await new Promise<void>((resolve) => server.listen(sock, resolve));
+    const accepted: { socket: ClientSocket; reader: SocketReader }[] = [];
+    assert.equal(
+      acceptThrough(server, (socket, reader) => {
+        accepted.push({ socket, reader });
+        // Echo what the reader lends, upper-cased; answer a half-close with the rest.
+        reader.sink = (chunk) => socket.write(Buffer.from(chunk.toString('latin1').toUpperCase(), 'latin1'));
+        socket.on('end', () => {
+          socket.write(Buffer.from('.'));
+          socket.end();
+        });
+        if (raw) assert.ok(socket instanceof Wire, 'a Wire, not a net.Socket');
+      }, raw),
+      true,
+    );
+    const clients: net.Socket[] = [];
+    try {
+      const talk = async (word: string): Promise<string> => {
+        const client = net.connect(sock);
+        clients.push(client);
+        let got = '';
+        client.on('data', (d: Buffer) => (got += d.toString('latin1')));
+        await new Promise<void>((resolve) => client.once('connect', resolve));
+        client.end(word);
+        await new Promise<void>((resolve) => client.once('end', resolve));
+        return got;
+      };
+      assert.deepEqual(await Promise.all([talk('one'), talk('two')]), ['ONE.', 'TWO.']);
+      assert.equal(accepted.length, 2);
+      assert.notEqual(accepted[0]!.reader, accepted[1]!.reader, 'a reader per connection');
+    } finally {
+      for (const c of clients) c.destroy();
+      for (const a of accepted) a.socket.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
+  });
+}

@@ -12,6 +12,7 @@
 // A 1 MiB sequential write spent about half its CPU on those chunks.
 import net from 'node:net';
 import util from 'node:util';
+import { type ClientSocket, type StreamHandle, Wire, wireAvailable } from './wire.ts';
 
 /** Size of the staging buffer: one read takes at most this much. */
 const STAGING_BYTES = 64 * 1024;
@@ -114,16 +115,19 @@ export function readThrough(socket: net.Socket, reader: SocketReader): net.Socke
  * SocketReader from the start, and hand it to `accept`. Node's listener
  * builds a paused Socket that readThrough() must then replace: two Socket
  * objects per connection, and their construction was a fifth of the busy
- * time of a connect-negotiate-disconnect loop. Returns false, leaving the
- * listener's 'connection' events as they are, when this Node's listener
- * has no handle to do it on. `_handle.onconnection` is Node's (stable)
- * internal, as in readThrough(); the listener's maxConnections and its
- * connection count are not kept (the NbdServer keeps its own).
+ * time of a connect-negotiate-disconnect loop. With `raw` (and a Node that
+ * allows it, see wire.ts) the socket is a Wire on the accepted handle, with
+ * no net.Socket at all. Returns false, leaving the listener's 'connection'
+ * events as they are, when this Node's listener has no handle to do it on.
+ * `_handle.onconnection` is Node's (stable) internal, as in readThrough();
+ * the listener's maxConnections and its connection count are not kept (the
+ * NbdServer keeps its own).
  */
-export function acceptThrough(server: net.Server, accept: (socket: net.Socket, reader: SocketReader) => void): boolean {
+export function acceptThrough(server: net.Server, accept: (socket: ClientSocket, reader: SocketReader) => void, raw = false): boolean {
   const listener = (server as unknown as { _handle: { onconnection?: unknown } | null })._handle;
   if (listener === null || listener === undefined || typeof listener.onconnection !== 'function') return false;
-  listener.onconnection = (err: number, handle: { setNoDelay?: (on: boolean) => void }) => {
+  const wire = raw && wireAvailable();
+  listener.onconnection = (err: number, handle: StreamHandle) => {
     if (err !== 0 && err !== undefined) {
       server.emit('error', Object.assign(new Error(`accept ${util.getSystemErrorName(err)}`), { code: util.getSystemErrorName(err), errno: err, syscall: 'accept' }));
       return;
@@ -133,7 +137,9 @@ export function acceptThrough(server: net.Server, accept: (socket: net.Socket, r
     if (tcp) handle.setNoDelay!(true);
     const reader = new SocketReader();
     // Reading starts on the next turn of the loop: accept() sets the sink first.
-    const socket = new net.Socket({ handle, readable: true, writable: true, allowHalfOpen: (server as unknown as { allowHalfOpen: boolean }).allowHalfOpen, noDelay: tcp, onread: reader.onread } as net.SocketConstructorOpts);
+    const socket = wire
+      ? new Wire(handle, reader)
+      : new net.Socket({ handle, readable: true, writable: true, allowHalfOpen: (server as unknown as { allowHalfOpen: boolean }).allowHalfOpen, noDelay: tcp, onread: reader.onread } as net.SocketConstructorOpts);
     accept(socket, reader);
   };
   return true;
