@@ -91,6 +91,19 @@ type State =
   | { name: 'option-drain'; option: number; left: number; reply: number; message: string }
   | { name: 'done' };
 
+/** The options #handle() answers. */
+const KNOWN_OPTIONS: ReadonlySet<number> = new Set([
+  NBD_OPT_EXPORT_NAME,
+  NBD_OPT_ABORT,
+  NBD_OPT_LIST,
+  NBD_OPT_STARTTLS,
+  NBD_OPT_INFO,
+  NBD_OPT_GO,
+  NBD_OPT_STRUCTURED_REPLY,
+  NBD_OPT_LIST_META_CONTEXT,
+  NBD_OPT_SET_META_CONTEXT,
+]);
+
 export class Negotiation {
   readonly #host: NegotiationHost;
   #state: State = { name: 'client-flags' };
@@ -102,17 +115,39 @@ export class Negotiation {
   #listed = false;
   #tlsRefused = false;
 
-  readonly #handlers: ReadonlyMap<number, (data: Buffer, option: number) => void> = new Map([
-    [NBD_OPT_EXPORT_NAME, (d: Buffer) => this.#optExportName(d)],
-    [NBD_OPT_ABORT, (_d: Buffer, o: number) => this.#optAbort(o)],
-    [NBD_OPT_LIST, (d: Buffer, o: number) => this.#optList(d, o)],
-    [NBD_OPT_STARTTLS, (d: Buffer, o: number) => this.#optStartTls(d, o)],
-    [NBD_OPT_INFO, (d: Buffer, o: number) => this.#optInfoGo(d, o)],
-    [NBD_OPT_GO, (d: Buffer, o: number) => this.#optInfoGo(d, o)],
-    [NBD_OPT_STRUCTURED_REPLY, (d: Buffer, o: number) => this.#optStructuredReply(d, o)],
-    [NBD_OPT_LIST_META_CONTEXT, (d: Buffer, o: number) => this.#optMetaContext(d, o, true)],
-    [NBD_OPT_SET_META_CONTEXT, (d: Buffer, o: number) => this.#optMetaContext(d, o, false)],
-  ]);
+  /** Runs the option's handler; false when the option is not one we know ("Option types"). */
+  #handle(option: number, d: Buffer): boolean {
+    // A switch, not a map of closures: a map would be built per connection.
+    switch (option) {
+      case NBD_OPT_EXPORT_NAME:
+        this.#optExportName(d);
+        return true;
+      case NBD_OPT_ABORT:
+        this.#optAbort(option);
+        return true;
+      case NBD_OPT_LIST:
+        this.#optList(d, option);
+        return true;
+      case NBD_OPT_STARTTLS:
+        this.#optStartTls(d, option);
+        return true;
+      case NBD_OPT_INFO:
+      case NBD_OPT_GO:
+        this.#optInfoGo(d, option);
+        return true;
+      case NBD_OPT_STRUCTURED_REPLY:
+        this.#optStructuredReply(d, option);
+        return true;
+      case NBD_OPT_LIST_META_CONTEXT:
+        this.#optMetaContext(d, option, true);
+        return true;
+      case NBD_OPT_SET_META_CONTEXT:
+        this.#optMetaContext(d, option, false);
+        return true;
+      default:
+        return false;
+    }
+  }
 
   constructor(host: NegotiationHost) {
     this.#host = host;
@@ -168,7 +203,7 @@ export class Negotiation {
             // No way to answer EXPORT_NAME with an error ("NBD_OPT_EXPORT_NAME").
             return this.#end('EXPORT_NAME longer than a string may be');
           } else {
-            const known = this.#handlers.has(header.option);
+            const known = KNOWN_OPTIONS.has(header.option);
             this.#state = {
               name: 'option-drain',
               option: header.option,
@@ -190,9 +225,7 @@ export class Negotiation {
           if (queue.length < state.length) return;
           const data = queue.take(state.length);
           this.#state = { name: 'option-header' };
-          const handler = this.#handlers.get(state.option);
-          if (handler === undefined) this.#error(state.option, NBD_REP_ERR_UNSUP, 'unsupported option');
-          else handler(data, state.option);
+          if (!this.#handle(state.option, data)) this.#error(state.option, NBD_REP_ERR_UNSUP, 'unsupported option');
           break;
         }
       }

@@ -293,6 +293,8 @@ function allBuffers(parts: ReplyPart[]): parts is Buffer[] {
  * space, see reply-space.ts) are first joined into one view, without a copy.
  */
 export function coalesceSmall(parts: Buffer[]): Buffer[] {
+  // The common batch of one part (a handshake reply, one large read) costs no arrays or closures.
+  if (parts.length === 1 && (parts[0]!.length >= COALESCE_BELOW || !inReplySpace(parts[0]!))) return parts;
   const out: Buffer[] = [];
   let run: Buffer[] = [];
   let runBytes = 0;

@@ -152,11 +152,13 @@ export class Transmission {
   #inflightBytes = 0;
   #shuttingDown = false;
   /** Pooled read buffers, returned to the pool when their reply is written. */
-  readonly #pooled = new WeakMap<Request, Buffer>();
+  // The maps are made at first use: a connection that does no I/O (a
+  // probe, a connect-and-leave) makes none, and each is work for every GC.
+  #pooled: WeakMap<Request, Buffer> | undefined;
   /** File slices of read replies, released when their reply is written. */
-  readonly #slices = new WeakMap<Request, FileSlice>();
+  #slices: WeakMap<Request, FileSlice> | undefined;
   /** Pooled write payloads, returned to the pool once their write has succeeded. */
-  readonly #pooledPayloads = new WeakMap<Request, Buffer>();
+  #pooledPayloads: WeakMap<Request, Buffer> | undefined;
   /** Resumes parsing once the shared budget has room again. */
   readonly #wake: () => void;
 
@@ -237,7 +239,7 @@ export class Transmission {
           // buffer: a fresh 1 MiB buffer per write kept the GC busy (48 % of
           // busy samples in a 1 MiB sequential-write profile).
           const pooled = queue.contiguous(n) ? undefined : this.#limits.pool?.get(n);
-          if (pooled !== undefined) this.#pooledPayloads.set(state.req, pooled);
+          if (pooled !== undefined) (this.#pooledPayloads ??= new WeakMap()).set(state.req, pooled);
           const payload = pooled === undefined ? queue.takeKept(n) : queue.takeInto(pooled);
           this.#state = { name: 'header' };
           if (!this.#writeLargeNow(state.req, payload, state.start)) this.#dispatch(state.req, payload, state.start);
@@ -299,7 +301,7 @@ export class Transmission {
   /** Take what the queue holds of a large payload, and have the socket read the rest into the same buffer. */
   #readPayloadDirect(queue: ByteQueue, req: Request, start: number): void {
     const pooled = this.#limits.pool?.get(req.length);
-    if (pooled !== undefined) this.#pooledPayloads.set(req, pooled);
+    if (pooled !== undefined) (this.#pooledPayloads ??= new WeakMap()).set(req, pooled);
     const payload = pooled ?? Buffer.allocUnsafe(req.length);
     const have = queue.length;
     queue.takeInto(payload.subarray(0, have));
@@ -354,9 +356,9 @@ export class Transmission {
     return () => {
       this.#inflightBytes -= cost;
       if (held > 0) this.#limits.budget!.give(held);
-      const pooled = this.#pooled.get(req);
+      const pooled = this.#pooled?.get(req);
       if (pooled !== undefined) this.#limits.pool!.release(pooled);
-      this.#slices.get(req)?.release();
+      this.#slices?.get(req)?.release();
       if (this.#state.name !== 'disconnecting') this.#host.progress();
     };
   }
@@ -403,8 +405,8 @@ export class Transmission {
     if (this.#host.writesLargeNow !== true) return false;
     const reply = this.#tryWriteNow(req, payload, start);
     if (reply === null) return false;
-    const pooled = this.#pooledPayloads.get(req);
-    this.#pooledPayloads.delete(req);
+    const pooled = this.#pooledPayloads?.get(req);
+    this.#pooledPayloads?.delete(req);
     if (pooled !== undefined) this.#limits.pool!.release(pooled);
     this.#answerWrittenNow(req, reply);
     return true;
@@ -467,8 +469,8 @@ export class Transmission {
       case NBD_CMD_READ:
         return this.#read(req);
       case NBD_CMD_WRITE: {
-        const pooled = this.#pooledPayloads.get(req);
-        this.#pooledPayloads.delete(req);
+        const pooled = this.#pooledPayloads?.get(req);
+        this.#pooledPayloads?.delete(req);
         if (req.length > 0) await node.write(req.offset, payload!, { fua });
         // Back to the pool only after success: a backend that gave up on a
         // write (a Redis timeout) may still read the buffer later.
@@ -545,7 +547,7 @@ export class Transmission {
     // data go as data).
     const slice = length >= FILE_SLICE_MIN && this.#host.sendsFiles === true ? (node.fileSlice?.(offset, length) ?? null) : null;
     if (slice !== null) {
-      this.#slices.set(req, slice);
+      (this.#slices ??= new WeakMap()).set(req, slice);
       const header = this.#session.structuredReplies ? encodeChunkOffsetDataHeader(cookie, true, offset, length) : encodeSimpleReply(cookie, 0);
       return [header, slice];
     }
@@ -555,7 +557,7 @@ export class Transmission {
     const data = await node.read(offset, length, pooled);
     if (pooled !== undefined) {
       // Back to the pool once the reply is written (or now, if unused).
-      if (data.buffer === pooled.buffer) this.#pooled.set(req, pooled);
+      if (data.buffer === pooled.buffer) (this.#pooled ??= new WeakMap()).set(req, pooled);
       else this.#limits.pool!.release(pooled);
     }
     return this.#dataReply(req, data);
