@@ -4,16 +4,18 @@
 // request (NBD_CMD_DISC). No validation, no exports, no logging: it says
 // how close to qemu-nbd's connection rate any server built on net.Socket
 // can come on this machine, so that the connect row of bench/README.md can
-// be read against it.
+// be read against it. With --raw the same handshake runs on the accepted
+// libuv handle, with no net.Socket, as nbd-export's Wire does
+// (src/server/wire.ts): the floor for a server built that way.
 //
-//   node bench/connect-floor.mjs /tmp/floor.sock &
+//   node bench/connect-floor.mjs /tmp/floor.sock [--raw] &
 //   python3 bench/connect.py unix:/tmp/floor.sock bench 3
 import fs from 'node:fs';
 import net from 'node:net';
 
 const path = process.argv[2];
 if (path === undefined) {
-  console.error('usage: node bench/connect-floor.mjs SOCKET_PATH');
+  console.error('usage: node bench/connect-floor.mjs SOCKET_PATH [--raw]');
   process.exit(2);
 }
 fs.rmSync(path, { force: true });
@@ -40,13 +42,12 @@ info.writeUInt16BE(NBD_INFO_EXPORT, 0);
 info.writeBigUInt64BE(1n << 30n, 2); // 1 GiB
 info.writeUInt16BE(1, 10); // NBD_FLAG_HAS_FLAGS
 
-const server = net.createServer((socket) => {
+/** The handshake state of one connection: feed() it bytes, and it answers through `send` until `done`. */
+function handshake(send, done) {
   let pending = Buffer.alloc(0);
   let phase = 'flags';
-  socket.on('error', () => {});
-  socket.write(greeting);
-  socket.on('data', (chunk) => {
-    pending = Buffer.concat([pending, chunk]);
+  return (chunk) => {
+    pending = pending.length === 0 ? chunk : Buffer.concat([pending, chunk]);
     for (;;) {
       if (phase === 'flags') {
         if (pending.length < 4) return;
@@ -56,18 +57,63 @@ const server = net.createServer((socket) => {
         if (pending.length < 16 || pending.length < 16 + pending.readUInt32BE(12)) return;
         const option = pending.readUInt32BE(8);
         pending = pending.subarray(16 + pending.readUInt32BE(12));
-        socket.cork();
-        socket.write(optionReply(option, NBD_REP_INFO, info));
-        socket.write(optionReply(option, NBD_REP_ACK, Buffer.alloc(0)));
-        socket.uncork();
+        send([optionReply(option, NBD_REP_INFO, info), optionReply(option, NBD_REP_ACK, Buffer.alloc(0))]);
         phase = 'transmission';
       } else {
         if (pending.length < 28) return;
-        socket.end();
+        done();
         return;
       }
     }
-  });
+  };
+}
+
+/** Each accepted handle driven with the calls net.Socket itself makes on it. */
+function serveRaw(server) {
+  const { streamBaseState, WriteWrap, kReadBytesOrError, kArrayBufferOffset } = process.binding('stream_wrap');
+  const write = (handle, bufs) => {
+    const req = new WriteWrap();
+    req.handle = handle;
+    req.oncomplete = () => {};
+    req.async = false;
+    if ((bufs.length === 1 ? handle.writeBuffer(req, bufs[0]) : handle.writev(req, bufs, true)) !== 0) handle.close();
+  };
+  server._handle.onconnection = (err, handle) => {
+    if (err) return;
+    let closed = false;
+    const close = () => {
+      if (closed) return;
+      closed = true;
+      handle.readStop();
+      handle.close();
+    };
+    const feed = handshake((bufs) => write(handle, bufs), close);
+    handle.onread = (arrayBuffer) => {
+      const n = streamBaseState[kReadBytesOrError];
+      if (n < 0) return close();
+      // Each read comes in memory of its own, as net.Socket's 'data' chunks do.
+      feed(Buffer.from(arrayBuffer, streamBaseState[kArrayBufferOffset], n));
+    };
+    write(handle, [greeting]);
+    handle.readStart();
+  };
+}
+
+const raw = process.argv.includes('--raw');
+const server = net.createServer((socket) => {
+  socket.on('error', () => {});
+  socket.write(greeting);
+  const feed = handshake(
+    (bufs) => {
+      socket.cork();
+      for (const b of bufs) socket.write(b);
+      socket.uncork();
+    },
+    () => socket.end(),
+  );
+  socket.on('data', feed);
 });
-server.listen(path);
+server.listen(path, () => {
+  if (raw) serveRaw(server);
+});
 process.on('SIGTERM', () => server.close(() => process.exit(0)));

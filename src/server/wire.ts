@@ -4,10 +4,10 @@
 // Why: a net.Socket is a Duplex stream. Per connection it builds readable
 // and writable state, and per write it runs the Writable machinery (buffer
 // list, corking, nextTick callbacks). For a client that connects,
-// negotiates and leaves, that was most of our CPU: a bare net.Server that
-// only answers the handshake (bench/connect-floor.mjs) spends 128 µs per
-// connection on this machine, the same handshake on the raw handle 82 µs,
-// and qemu-nbd 95 µs. The handle's methods (readStart, writev,
+// negotiates and leaves, that bounds the rate: a bare net.Server that only
+// answers the handshake (bench/connect-floor.mjs) spent 152 µs of CPU per
+// connection on this machine, the same handshake on the raw handle 86 µs,
+// and qemu-nbd 103 µs (bench/README.md). The handle's methods (readStart, writev,
 // shutdown, close) are those net.Socket itself calls; what we cannot get
 // elsewhere is the request constructors and the shared state the C++ side
 // reports a write's outcome in, from `process.binding('stream_wrap')`.
