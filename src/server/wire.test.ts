@@ -57,6 +57,24 @@ async function pair(tcp = false): Promise<Pair> {
   };
 }
 
+/** Run `fn` with a fresh pair, and close it whatever happens. */
+async function withPair(tcp: boolean, fn: (p: Pair) => Promise<void>): Promise<void> {
+  const p = await pair(tcp);
+  try {
+    await fn(p);
+  } finally {
+    await p.close();
+  }
+}
+
+/** Resolves once `cond()` holds (the test's timeout bounds the wait). */
+function until(cond: () => boolean): Promise<void> {
+  return new Promise((resolve) => {
+    const poll = (): void => (cond() ? resolve() : void setTimeout(poll, 5));
+    poll();
+  });
+}
+
 /** Read everything the client gets until the server's side ends. */
 function readAll(client: net.Socket): Promise<Buffer> {
   const chunks: Buffer[] = [];
@@ -76,9 +94,8 @@ test('this Node lets us drive accepted handles (the server falls back to net.Soc
   assert.equal(wireAvailable(), true);
 });
 
-test('a write callback never runs inside write(); corked writes arrive whole and in order', t, async () => {
-  const p = await pair();
-  try {
+test('a write callback never runs inside write(); corked writes arrive whole and in order', t, () =>
+  withPair(false, async (p) => {
     const all = readAll(p.client);
     let called = 0;
     p.wire.write(Buffer.from('greeting'), (err) => {
@@ -97,14 +114,10 @@ test('a write callback never runs inside write(); corked writes arrive whole and
     p.wire.end();
     assert.equal(p.wire.writableEnded, true);
     assert.equal((await all).toString(), 'greeting-a-bc');
-  } finally {
-    await p.close();
-  }
-});
+  }));
 
-test('a client that does not read holds writes back: writableLength counts them, then drain, and every byte arrives', t, async () => {
-  const p = await pair();
-  try {
+test('a client that does not read holds writes back: writableLength counts them, then drain, and every byte arrives', t, () =>
+  withPair(false, async (p) => {
     p.client.pause();
     const blocks = Array.from({ length: 32 }, (_, i) => pattern(256 * 1024, i));
     let done = 0;
@@ -118,14 +131,10 @@ test('a client that does not read holds writes back: writableLength counts them,
     assert.equal(done, blocks.length);
     p.wire.end();
     assert.ok((await all).equals(Buffer.concat(blocks)));
-  } finally {
-    await p.close();
-  }
-});
+  }));
 
-test('end() waits for pending writes, then shuts down our side only: the client can still send', t, async () => {
-  const p = await pair();
-  try {
+test('end() waits for pending writes, then shuts down our side only: the client can still send', t, () =>
+  withPair(false, async (p) => {
     p.client.pause();
     const big = pattern(4 * 1024 * 1024, 7);
     p.wire.write(big);
@@ -134,33 +143,22 @@ test('end() waits for pending writes, then shuts down our side only: the client 
     p.client.resume();
     assert.ok((await all).equals(big));
     p.client.write('after');
-    await new Promise<void>((resolve) => {
-      const poll = (): void => (Buffer.concat(p.received).toString() === 'after' ? resolve() : void setTimeout(poll, 5));
-      poll();
-    });
+    await until(() => Buffer.concat(p.received).toString() === 'after');
     assert.equal(p.wire.destroyed, false);
-  } finally {
-    await p.close();
-  }
-});
+  }));
 
-test('destroySoon() closes once the shutdown is done; the client reads everything first', t, async () => {
-  const p = await pair();
-  try {
+test('destroySoon() closes once the shutdown is done; the client reads everything first', t, () =>
+  withPair(false, async (p) => {
     const all = readAll(p.client);
     p.wire.write(pattern(1024 * 1024, 3));
     p.wire.destroySoon();
     await once(p.wire, 'close');
     assert.equal(p.wire.destroyed, true);
     assert.ok((await all).equals(pattern(1024 * 1024, 3)));
-  } finally {
-    await p.close();
-  }
-});
+  }));
 
-test('destroy() fails the writes the kernel has not taken; writing afterwards fails with EPIPE', t, async () => {
-  const p = await pair();
-  try {
+test('destroy() fails the writes the kernel has not taken; writing afterwards fails with EPIPE', t, () =>
+  withPair(false, async (p) => {
     p.client.pause();
     const errors: (Error | null | undefined)[] = [];
     for (let i = 0; i < 32; i++) p.wire.write(pattern(256 * 1024, i), (err) => errors.push(err));
@@ -175,14 +173,10 @@ test('destroy() fails the writes the kernel has not taken; writing afterwards fa
     assert.equal(p.wire.write(Buffer.from('x'), (err) => (late = err)), false);
     await new Promise((resolve) => setImmediate(resolve));
     assert.equal((late as NodeJS.ErrnoException | undefined)?.code, 'EPIPE');
-  } finally {
-    await p.close();
-  }
-});
+  }));
 
-test("the client's end of stream is one 'end'; resume() after it reads no more", t, async () => {
-  const p = await pair();
-  try {
+test("the client's end of stream is one 'end'; resume() after it reads no more", t, () =>
+  withPair(false, async (p) => {
     let ends = 0;
     p.wire.on('end', () => ends++);
     p.client.end('last words');
@@ -193,14 +187,10 @@ test("the client's end of stream is one 'end'; resume() after it reads no more",
     await new Promise((resolve) => setTimeout(resolve, 20));
     assert.equal(ends, 1);
     assert.equal(p.wire.destroyed, false, 'half-open: our side may still write');
-  } finally {
-    await p.close();
-  }
-});
+  }));
 
-test('pause() stops reads until resume()', t, async () => {
-  const p = await pair();
-  try {
+test('pause() stops reads until resume()', t, () =>
+  withPair(false, async (p) => {
     p.wire.pause();
     assert.equal(p.wire.isPaused(), true);
     p.client.write('held');
@@ -208,19 +198,12 @@ test('pause() stops reads until resume()', t, async () => {
     assert.equal(p.received.length, 0);
     p.wire.resume();
     assert.equal(p.wire.isPaused(), false);
-    await new Promise<void>((resolve) => {
-      const poll = (): void => (p.received.length > 0 ? resolve() : void setTimeout(poll, 5));
-      poll();
-    });
+    await until(() => p.received.length > 0);
     assert.equal(Buffer.concat(p.received).toString(), 'held');
-  } finally {
-    await p.close();
-  }
-});
+  }));
 
-test('TCP: the peer address and fd are known; a reset is an error, then close', t, async () => {
-  const p = await pair(true);
-  try {
+test('TCP: the peer address and fd are known; a reset is an error, then close', t, () =>
+  withPair(true, async (p) => {
     assert.equal(p.wire.remoteAddress, '127.0.0.1');
     assert.equal(p.wire.remotePort, p.client.localPort);
     assert.ok(p.wire.fd >= 0);
@@ -231,17 +214,10 @@ test('TCP: the peer address and fd are known; a reset is an error, then close', 
     assert.equal(err.code, 'ECONNRESET');
     await closed;
     assert.equal(p.wire.destroyed, true);
-  } finally {
-    await p.close();
-  }
-});
+  }));
 
-test('Unix socket: no peer address (the server reports the transport as unix)', t, async () => {
-  const p = await pair();
-  try {
+test('Unix socket: no peer address (the server reports the transport as unix)', t, () =>
+  withPair(false, async (p) => {
     assert.equal(p.wire.remoteAddress, undefined);
     assert.ok(p.wire.fd >= 0);
-  } finally {
-    await p.close();
-  }
-});
+  }));
