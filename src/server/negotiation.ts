@@ -91,19 +91,6 @@ type State =
   | { name: 'option-drain'; option: number; left: number; reply: number; message: string }
   | { name: 'done' };
 
-/** The options #handle() answers. */
-const KNOWN_OPTIONS: ReadonlySet<number> = new Set([
-  NBD_OPT_EXPORT_NAME,
-  NBD_OPT_ABORT,
-  NBD_OPT_LIST,
-  NBD_OPT_STARTTLS,
-  NBD_OPT_INFO,
-  NBD_OPT_GO,
-  NBD_OPT_STRUCTURED_REPLY,
-  NBD_OPT_LIST_META_CONTEXT,
-  NBD_OPT_SET_META_CONTEXT,
-]);
-
 export class Negotiation {
   readonly #host: NegotiationHost;
   #state: State = { name: 'client-flags' };
@@ -115,39 +102,22 @@ export class Negotiation {
   #listed = false;
   #tlsRefused = false;
 
-  /** Runs the option's handler; false when the option is not one we know ("Option types"). */
-  #handle(option: number, d: Buffer): boolean {
-    // A switch, not a map of closures: a map would be built per connection.
-    switch (option) {
-      case NBD_OPT_EXPORT_NAME:
-        this.#optExportName(d);
-        return true;
-      case NBD_OPT_ABORT:
-        this.#optAbort(option);
-        return true;
-      case NBD_OPT_LIST:
-        this.#optList(d, option);
-        return true;
-      case NBD_OPT_STARTTLS:
-        this.#optStartTls(d, option);
-        return true;
-      case NBD_OPT_INFO:
-      case NBD_OPT_GO:
-        this.#optInfoGo(d, option);
-        return true;
-      case NBD_OPT_STRUCTURED_REPLY:
-        this.#optStructuredReply(d, option);
-        return true;
-      case NBD_OPT_LIST_META_CONTEXT:
-        this.#optMetaContext(d, option, true);
-        return true;
-      case NBD_OPT_SET_META_CONTEXT:
-        this.#optMetaContext(d, option, false);
-        return true;
-      default:
-        return false;
-    }
-  }
+  /**
+   * The handler of each option we know ("Option types"). Static, so that it
+   * is built once, not per connection; a static member may call the
+   * instance's private methods.
+   */
+  static readonly #handlers: ReadonlyMap<number, (n: Negotiation, d: Buffer, o: number) => void> = new Map([
+    [NBD_OPT_EXPORT_NAME, (n: Negotiation, d: Buffer) => n.#optExportName(d)],
+    [NBD_OPT_ABORT, (n: Negotiation, _d: Buffer, o: number) => n.#optAbort(o)],
+    [NBD_OPT_LIST, (n: Negotiation, d: Buffer, o: number) => n.#optList(d, o)],
+    [NBD_OPT_STARTTLS, (n: Negotiation, d: Buffer, o: number) => n.#optStartTls(d, o)],
+    [NBD_OPT_INFO, (n: Negotiation, d: Buffer, o: number) => n.#optInfoGo(d, o)],
+    [NBD_OPT_GO, (n: Negotiation, d: Buffer, o: number) => n.#optInfoGo(d, o)],
+    [NBD_OPT_STRUCTURED_REPLY, (n: Negotiation, d: Buffer, o: number) => n.#optStructuredReply(d, o)],
+    [NBD_OPT_LIST_META_CONTEXT, (n: Negotiation, d: Buffer, o: number) => n.#optMetaContext(d, o, true)],
+    [NBD_OPT_SET_META_CONTEXT, (n: Negotiation, d: Buffer, o: number) => n.#optMetaContext(d, o, false)],
+  ]);
 
   constructor(host: NegotiationHost) {
     this.#host = host;
@@ -203,7 +173,7 @@ export class Negotiation {
             // No way to answer EXPORT_NAME with an error ("NBD_OPT_EXPORT_NAME").
             return this.#end('EXPORT_NAME longer than a string may be');
           } else {
-            const known = KNOWN_OPTIONS.has(header.option);
+            const known = Negotiation.#handlers.has(header.option);
             this.#state = {
               name: 'option-drain',
               option: header.option,
@@ -225,7 +195,9 @@ export class Negotiation {
           if (queue.length < state.length) return;
           const data = queue.take(state.length);
           this.#state = { name: 'option-header' };
-          if (!this.#handle(state.option, data)) this.#error(state.option, NBD_REP_ERR_UNSUP, 'unsupported option');
+          const handler = Negotiation.#handlers.get(state.option);
+          if (handler === undefined) this.#error(state.option, NBD_REP_ERR_UNSUP, 'unsupported option');
+          else handler(this, data, state.option);
           break;
         }
       }

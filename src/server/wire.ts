@@ -86,6 +86,9 @@ export interface StreamHandle {
 
 type WriteCallback = (err?: Error | null) => void;
 
+/** Shared by every write without a callback; never modified. */
+const NO_CALLBACKS: WriteCallback[] = [];
+
 function loadBinding(): StreamBinding | null {
   try {
     const binding = (process as unknown as { binding(name: string): Partial<StreamBinding> }).binding('stream_wrap');
@@ -232,9 +235,8 @@ export class Wire extends EventEmitter implements ClientSocket {
   }
 
   write(buf: Buffer, cb?: WriteCallback): boolean {
-    const cbs: WriteCallback[] = cb === undefined ? [] : [cb];
     if (this.#destroyed || this.#ended) {
-      defer(cbs, errnoError(-32, 'write')); // EPIPE, as a destroyed net.Socket reports
+      if (cb !== undefined) defer([cb], errnoError(-32, 'write')); // EPIPE, as a destroyed net.Socket reports
       return false;
     }
     if (this.#corked > 0) {
@@ -243,7 +245,7 @@ export class Wire extends EventEmitter implements ClientSocket {
       if (cb !== undefined) this.#corkedCbs.push(cb);
       return true;
     }
-    this.#writeNow([buf], cbs);
+    this.#writeNow([buf], cb === undefined ? NO_CALLBACKS : [cb]);
     return this.#pendingBytes === 0;
   }
 
