@@ -624,8 +624,10 @@ describe('Transmission', () => {
 /** A node that writes small payloads on the caller's thread (BlockNode.writeNow), as a tmpfs file does. */
 class SyncWriteNode extends FakeNode {
   readonly now: number[] = [];
+  /** From this offset on writeNow says no, as a closing node does. */
+  refuseFrom = Infinity;
   writeNow(offset: number, data: Buffer, opts?: WriteOptions): boolean {
-    if (opts?.fua === true) return false; // FUA needs a flush: the async path
+    if (opts?.fua === true || offset >= this.refuseFrom) return false; // FUA needs a flush: the async path
     if (offset === 4096) throw new BlockError('ENOSPC', 'disk full');
     this.now.push(offset);
     this.fill(offset, data);
@@ -635,7 +637,7 @@ class SyncWriteNode extends FakeNode {
 
 describe('Transmission: writes done on the spot (BlockNode.writeNow)', () => {
   for (const mode of ['whole', 'bytewise'] as const) {
-    test(`small writes are written from the socket's bytes and answered at once; FUA and large ones take the async path (fed ${mode})`, t, async () => {
+    test(`small writes are written from the socket's bytes and answered at once; FUA takes the async path, large ones later turns (fed ${mode})`, t, async () => {
       const node = new SyncWriteNode(MiB);
       const budget = new ByteBudget(8 * MiB);
       const s = setup({ spec: { node }, limits: { ...DEFAULT_LIMITS, budget } });
@@ -659,11 +661,11 @@ describe('Transmission: writes done on the spot (BlockNode.writeNow)', () => {
       await waitFor(() => s.host.replies.length === 5, 2000, '5 replies');
       const got = new Map(s.host.replies.map(parseSimpleReply).map((r) => [r.cookie, r.error]));
       assert.deepEqual([1n, 2n, 3n, 4n, 5n].map((c) => got.get(c)), [0, 0, NBD_ENOSPC, 0, 0]);
-      assert.deepEqual(node.now, [0, 8192], 'the two small writes without FUA');
+      assert.deepEqual(node.now, [0, 8192, 128 * 1024], 'the two small writes without FUA, then the 64 KiB one');
       assert.deepEqual(
         node.calls.filter((c) => c.op === 'write').map((c) => c.offset),
-        [100, 128 * 1024],
-        'FUA and 64 KiB went through write()',
+        [100],
+        'FUA went through write()',
       );
       assert.equal(node.data.subarray(0, 4).toString(), 'abcd');
       assert.ok(node.data.subarray(8192, 8192 + small.length).equals(small));
@@ -710,6 +712,79 @@ describe('Transmission: large writes on the spot where the host asks (writesLarg
     await waitFor(() => s.host.replies.length === 5, 2000, '5 replies');
     await waitFor(() => budget.used === 0, 2000, 'every byte of the budget back');
     assert.equal(s.tx.inflight, 0);
+  });
+});
+
+const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+
+describe('Transmission: large writes in slices, one per turn of the event loop (WRITE_SLICE)', () => {
+  test('gathered from the queue or read straight into their buffer, they go to writeNow 128 KiB a turn and are answered after the last; FUA takes write()', t, async () => {
+    const node = new SyncWriteNode(4 * MiB);
+    const budget = new ByteBudget(16 * MiB);
+    const s = setup({ spec: { node }, limits: { ...DEFAULT_LIMITS, budget } });
+    const a = Buffer.alloc(200 * 1024, 0x0a);
+    const b = Buffer.alloc(200 * 1024, 0x0b);
+    const c = Buffer.alloc(100 * 1024, 0x0c);
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 1n, MiB, a.length), a]));
+    assert.equal(s.host.replies.length, 0, 'nothing written while the socket is being read');
+    assert.equal(s.tx.inflight, 1, 'the queued write is in flight');
+    await turn();
+    assert.deepEqual(node.now, [MiB], 'one slice in the first turn');
+    assert.equal(s.host.replies.length, 0, 'not answered before its last slice');
+    await turn();
+    assert.deepEqual(node.now, [MiB, MiB + 128 * 1024]);
+    assert.equal(s.host.replies.length, 1, 'answered with its last slice');
+    const direct: { buf: Buffer; done: () => void }[] = [];
+    s.host.readInto = (buf, filled, done) => direct.push({ buf, done });
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 2n, 2 * MiB, b.length), b.subarray(0, 1000)]));
+    b.copy(direct[0]!.buf);
+    direct[0]!.done();
+    s.host.readInto = undefined;
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 3n, 3 * MiB, c.length, NBD_CMD_FLAG_FUA), c]));
+    await waitFor(() => s.host.replies.length === 3, 2000, '3 replies');
+    assert.deepEqual(s.host.replies.map(parseSimpleReply).map((r) => [r.cookie, r.error]).sort(), [[1n, 0], [2n, 0], [3n, 0]]);
+    assert.deepEqual(node.now, [MiB, MiB + 128 * 1024, 2 * MiB, 2 * MiB + 128 * 1024]);
+    assert.deepEqual(node.calls.filter((x) => x.op === 'write').map((x) => x.offset), [3 * MiB], 'FUA went through write()');
+    assert.ok(node.data.subarray(MiB, MiB + a.length).equals(a));
+    assert.ok(node.data.subarray(2 * MiB, 2 * MiB + b.length).equals(b));
+    assert.ok(node.data.subarray(3 * MiB, 3 * MiB + c.length).equals(c));
+    // A slice that fails gets the write its error, and the connection goes on.
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 4n, 4096, a.length), a]));
+    await waitFor(() => s.host.replies.length === 4, 2000, '4 replies');
+    assert.deepEqual(parseSimpleReply(s.host.replies[3]!).error, NBD_ENOSPC);
+    s.feed(rq(NBD_CMD_FLUSH, 5n, 0, 0));
+    await waitFor(() => s.host.replies.length === 5, 2000, '5 replies');
+    await waitFor(() => budget.used === 0, 2000, 'every byte of the budget back');
+    assert.equal(s.tx.inflight, 0);
+  });
+
+  test('a node that stops writing on this thread partway gets the rest through write(); one reply, all bytes, the budget back', t, async () => {
+    const node = new SyncWriteNode(4 * MiB);
+    const budget = new ByteBudget(16 * MiB);
+    const s = setup({ spec: { node }, limits: { ...DEFAULT_LIMITS, budget } });
+    const a = Buffer.alloc(300 * 1024);
+    for (let i = 0; i < a.length; i++) a[i] = i % 251;
+    node.refuseFrom = MiB + 128 * 1024;
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 1n, MiB, a.length), a]));
+    await waitFor(() => s.host.replies.length === 1, 2000, 'the reply');
+    assert.deepEqual(parseSimpleReply(s.host.replies[0]!).error, 0);
+    assert.deepEqual(node.now, [MiB], 'one slice on this thread');
+    assert.deepEqual(node.calls.filter((x) => x.op === 'write').map((x) => [x.offset, x.length]), [[MiB + 128 * 1024, a.length - 128 * 1024]], 'the rest through write()');
+    assert.ok(node.data.subarray(MiB, MiB + a.length).equals(a));
+    await waitFor(() => budget.used === 0, 2000, 'every byte of the budget back');
+    assert.equal(s.tx.inflight, 0);
+  });
+
+  test('NBD_CMD_DISC waits for the writes still being sliced', t, async () => {
+    const node = new SyncWriteNode(4 * MiB);
+    const s = setup({ spec: { node } });
+    const a = Buffer.alloc(512 * 1024, 0x5a);
+    s.feed(Buffer.concat([rq(NBD_CMD_WRITE, 1n, 0, a.length), a, rq(NBD_CMD_DISC, 2n, 0, 0)]));
+    assert.deepEqual(s.host.closed, [], 'not closed with a write in flight');
+    await waitFor(() => s.host.closed.length === 1, 2000, 'the close');
+    assert.equal(node.now.length, 4, 'all four slices written first');
+    assert.deepEqual(s.host.closedAfter, [1], 'after the write was answered');
+    assert.ok(node.data.subarray(0, a.length).equals(a));
   });
 });
 

@@ -72,6 +72,19 @@ export const DEFAULT_LIMITS: TransmissionLimits = {
 const DIRECT_READ_MIN = 64 * 1024;
 
 /**
+ * Unless the host writes large payloads at once (writesLargeNow), a large
+ * write the node can do on this thread (BlockNode.writeNow: a tmpfs file,
+ * memory) is written after the socket has been read dry, this much per
+ * connection per turn of the event loop, and answered when its last slice
+ * is in. Between slices the loop reads the socket again, so the client
+ * keeps sending while we copy: a Unix socket holds only the sender's
+ * 208 KiB, and a whole 1 MiB copy stalled it. Handed to the thread pool
+ * instead, each write woke a pool thread that preempted this one
+ * (bench/README.md "Large writes"). 64 and 256 KiB slices did no better.
+ */
+const WRITE_SLICE = 128 * 1024;
+
+/**
  * Reads at least this long are sent from the file (sendfile) when the node
  * can say where their bytes lie: below it, a read is a small copy and its
  * reply joins the batch's one writev.
@@ -95,11 +108,10 @@ export interface TransmissionHost {
   /** sendReply() takes file slices (large reads then go by sendfile); else parts are Buffers. */
   readonly sendsFiles?: boolean;
   /**
-   * Large write payloads are offered to BlockNode.writeNow too, not only
-   * small ones. Worth it where the client's next bytes keep arriving into
-   * large socket buffers meanwhile (TCP); a Unix socket holds only what
-   * the sender's 208 KiB send buffer allows, and there the thread pool
-   * writing while this thread reads the next payload wins.
+   * Large write payloads the node can write on this thread (writeNow) are
+   * written at once, whole, rather than in slices between socket reads
+   * (WRITE_SLICE). Worth it where the client's next bytes keep arriving
+   * into large socket buffers meanwhile (TCP): there slicing ran ×0.79–0.89.
    */
   readonly writesLargeNow?: boolean;
   /** Framing lost ('protocol_error') or NBD_CMD_DISC done ('disc'). */
@@ -142,6 +154,14 @@ type State =
   /** Framing lost: the connection is closing and nothing more is parsed. */
   | { name: 'closed' };
 
+/** A large write being written in slices; `written` bytes of its payload are in. */
+interface SlicedWrite {
+  req: Request;
+  payload: Buffer;
+  start: number;
+  written: number;
+}
+
 export class Transmission {
   readonly #host: TransmissionHost;
   readonly #session: Session;
@@ -159,6 +179,8 @@ export class Transmission {
   #slices: WeakMap<Request, FileSlice> | undefined;
   /** Pooled write payloads, returned to the pool once their write has succeeded. */
   #pooledPayloads: WeakMap<Request, Buffer> | undefined;
+  /** Large writes waiting for their slices (see WRITE_SLICE), oldest first. */
+  #sliced: SlicedWrite[] | undefined;
   /** Resumes parsing once the shared budget has room again. */
   readonly #wake: () => void;
 
@@ -242,7 +264,7 @@ export class Transmission {
           if (pooled !== undefined) (this.#pooledPayloads ??= new WeakMap()).set(state.req, pooled);
           const payload = pooled === undefined ? queue.takeKept(n) : queue.takeInto(pooled);
           this.#state = { name: 'header' };
-          if (!this.#writeLargeNow(state.req, payload, state.start)) this.#dispatch(state.req, payload, state.start);
+          if (!this.#writeLarge(state.req, payload, state.start)) this.#dispatch(state.req, payload, state.start);
           break;
         }
         case 'header': {
@@ -313,7 +335,7 @@ export class Transmission {
       have,
       () => {
         this.#state = { name: 'header' };
-        if (!this.#writeLargeNow(req, payload, start)) this.#dispatch(req, payload, start);
+        if (!this.#writeLarge(req, payload, start)) this.#dispatch(req, payload, start);
         this.#host.progress();
       },
       REQUEST_HEADER_LENGTH,
@@ -397,19 +419,93 @@ export class Transmission {
   }
 
   /**
-   * A large write the node can do on this thread, where the host asks for
-   * that (writesLargeNow): written and answered at once, its payload
-   * buffer free again. False when the node cannot: it is then dispatched.
+   * A large write the node can do on this thread: written and answered at
+   * once where the host asks for that (writesLargeNow), else queued for
+   * slices. False when the node cannot: it is then dispatched.
    */
-  #writeLargeNow(req: Request, payload: Buffer, start: number): boolean {
-    if (this.#host.writesLargeNow !== true) return false;
+  #writeLarge(req: Request, payload: Buffer, start: number): boolean {
+    if (this.#host.writesLargeNow !== true) return this.#writeInSlices(req, payload, start);
     const reply = this.#tryWriteNow(req, payload, start);
     if (reply === null) return false;
-    const pooled = this.#pooledPayloads?.get(req);
-    this.#pooledPayloads?.delete(req);
-    if (pooled !== undefined) this.#limits.pool!.release(pooled);
+    this.#releasePayload(req);
     this.#answerWrittenNow(req, reply);
     return true;
+  }
+
+  /**
+   * Queue a large write for writing in slices on this thread (WRITE_SLICE).
+   * False when the node cannot write on this thread at all, or the write
+   * asks for FUA: it is then dispatched.
+   */
+  #writeInSlices(req: Request, payload: Buffer, start: number): boolean {
+    if (this.#session.export.node.writeNow === undefined || (req.flags & NBD_CMD_FLAG_FUA) !== 0) return false;
+    const queue = (this.#sliced ??= []);
+    queue.push({ req, payload, start, written: 0 });
+    // Counted in flight like a dispatched request: it holds its payload, and NBD_CMD_DISC waits for it.
+    this.#inflight++;
+    this.#inflightBytes += req.length;
+    if (queue.length === 1) setImmediate(Transmission.#writeSlice, this);
+    return true;
+  }
+
+  /** One turn's slice of the oldest queued large write; answers it when it is all written. */
+  static #writeSlice(tx: Transmission): void {
+    const queue = tx.#sliced!;
+    const w = queue[0]!;
+    const { req, payload } = w;
+    const n = Math.min(WRITE_SLICE, payload.length - w.written);
+    let reply: Buffer[] | undefined;
+    try {
+      if (tx.#session.export.node.writeNow!(req.offset + w.written, payload.subarray(w.written, w.written + n), { fua: false })) {
+        w.written += n;
+        if (w.written === payload.length) reply = tx.#writtenReply(req, w.start);
+      } else {
+        queue.shift();
+        tx.#inflight--;
+        tx.#inflightBytes -= req.length;
+        tx.#dispatchRest(w);
+      }
+    } catch (err) {
+      reply = tx.#failed(req, err, w.start);
+    }
+    if (reply !== undefined) {
+      queue.shift();
+      tx.#inflight--;
+      tx.#inflightBytes -= req.length;
+      tx.#releasePayload(req);
+      tx.#answerWrittenNow(req, reply);
+    }
+    if (queue.length > 0) setImmediate(Transmission.#writeSlice, tx);
+    if (tx.#state.name === 'disconnecting') tx.#closeWhenIdle();
+    else tx.#host.progress();
+  }
+
+  /**
+   * The node stopped writing on this thread partway (it is closing): what
+   * is left of the write goes the usual way, and its reply, error or not,
+   * answers the request.
+   */
+  #dispatchRest(w: SlicedWrite): void {
+    if (w.written === 0) {
+      this.#dispatch(w.req, w.payload, w.start);
+      return;
+    }
+    const rest: Request = { ...w.req, offset: w.req.offset + w.written, length: w.req.length - w.written };
+    // The budget held the whole payload; the dispatched rest gives back only its own bytes.
+    this.#limits.budget?.give(w.written);
+    const pooled = this.#pooledPayloads?.get(w.req);
+    if (pooled !== undefined) {
+      this.#pooledPayloads!.delete(w.req);
+      this.#pooledPayloads!.set(rest, pooled);
+    }
+    this.#dispatch(rest, w.payload.subarray(w.written), w.start);
+  }
+
+  #releasePayload(req: Request): void {
+    const pooled = this.#pooledPayloads?.get(req);
+    if (pooled === undefined) return;
+    this.#pooledPayloads!.delete(req);
+    this.#limits.pool!.release(pooled);
   }
 
   /** The reply to `data` written by BlockNode.writeNow, or null when the node cannot write it now. */
@@ -418,11 +514,15 @@ export class Transmission {
     if (node.writeNow === undefined) return null;
     try {
       if (!node.writeNow(req.offset, data, { fua: (req.flags & NBD_CMD_FLAG_FUA) !== 0 })) return null;
-      this.#done(req, 0, req.length, start);
-      return [encodeSimpleReply(req.cookie, 0, replySpace(SIMPLE_REPLY_HEADER_LENGTH))];
+      return this.#writtenReply(req, start);
     } catch (err) {
       return this.#failed(req, err, start);
     }
+  }
+
+  #writtenReply(req: Request, start: number): Buffer[] {
+    this.#done(req, 0, req.length, start);
+    return [encodeSimpleReply(req.cookie, 0, replySpace(SIMPLE_REPLY_HEADER_LENGTH))];
   }
 
   #answerWrittenNow(req: Request, reply: Buffer[]): void {
