@@ -436,7 +436,7 @@ describe('FileNode.fileSlice', () => {
 });
 
 describe('writeNow (small writes on the caller\'s thread)', () => {
-  test('FileNode: on tmpfs only, small and without FUA; the buffer may be reused at once', t, async (ctx) => {
+  test('FileNode: on tmpfs and in a disk file\'s page cache, without FUA; the buffer may be reused at once', t, async (ctx) => {
     if (shmDir === undefined) return ctx.skip('no /dev/shm');
     const p = path.join(shmDir, `img-${counter++}`);
     fs.writeFileSync(p, Buffer.alloc(0));
@@ -457,8 +457,15 @@ describe('writeNow (small writes on the caller\'s thread)', () => {
     const onTmpfs = filesystemType(fd) === TMPFS_MAGIC;
     fs.closeSync(fd);
     if (!onTmpfs) {
+      // Into a disk file's page cache too, while such writes are quick (LoopWriteGuard).
       await withFile(FileNode.open({ path: disk }), async (node) => {
-        assert.equal(node.writeNow(0, Buffer.alloc(512, 1)), false, 'a disk file may block: never on the event loop');
+        assert.equal(node.writeNow(0, Buffer.alloc(512, 1)), true);
+        assert.equal(node.writeNow(4096, Buffer.alloc(512, 1), { fua: true }), false, 'FUA needs a flush');
+        assert.ok((await node.read(0, 512)).equals(Buffer.alloc(512, 1)));
+        assert.equal(node.slowLoopWrites, 0);
+      });
+      await withFile(FileNode.open({ path: disk, direct: true }), async (node) => {
+        assert.equal(node.writeNow(0, Buffer.alloc(4096, 2)), false, 'O_DIRECT: always the pool');
       });
     }
   });

@@ -36,6 +36,7 @@ import {
   cachedFully,
 } from './ffi.ts';
 import { DataMap } from './data-map.ts';
+import { LoopWriteGuard } from './loop-write-guard.ts';
 import { RangeLock } from './range-lock.ts';
 import type { BlockCapabilities, BlockNode, DiscardMode, Extent, FileSlice, WriteOptions, ZeroOptions } from './types.ts';
 import { BlockError } from './types.ts';
@@ -73,9 +74,9 @@ const alignUp = (n: number): number => (n % DIRECT_ALIGN === 0 ? n : n - (n % DI
 /** Buffered reads up to this size try the page cache on the event loop first. */
 const FAST_IO_MAX = 128 * 1024;
 /**
- * writeNow() on tmpfs takes up to this much: the caller chose to wait for
- * the copy (over TCP, 1 MiB writes done on the event loop beat the thread
- * pool, whose wake-ups preempted the event loop), and 4 MiB is about a
+ * writeNow() takes up to this much: the caller chose to wait for the copy
+ * (over TCP, 1 MiB writes done on the event loop beat the thread pool,
+ * whose wake-ups preempted the event loop), and 4 MiB is about a
  * millisecond of it.
  */
 const WRITE_NOW_MAX = 4 * 1024 * 1024;
@@ -158,6 +159,8 @@ export class FileNode implements BlockNode {
   readonly #dataMap: DataMap | null;
   /** How small buffered I/O may skip the thread pool (see FastIo). */
   #fastIo: FastIo;
+  /** When buffered writes into a disk file may run on the caller's thread (writeNow). */
+  readonly #loopWrites = new LoopWriteGuard();
   #closing: Promise<void> | undefined;
   /** File slices handed out and not yet released: the fd stays open for them. */
   #slices = 0;
@@ -458,15 +461,34 @@ export class FileNode implements BlockNode {
     }
   }
 
-  /** The synchronous case of write(): small, buffered, on tmpfs, no FUA (see #write). */
+  /**
+   * The synchronous case of write(): buffered, up to WRITE_NOW_MAX, no FUA;
+   * on tmpfs always, into a disk file's page cache while such writes are
+   * quick (see LoopWriteGuard).
+   */
   writeNow(offset: number, data: Buffer, opts: WriteOptions = {}): boolean {
-    if (this.#closing !== undefined || this.direct || this.#fastIo !== 'memory' || data.length > WRITE_NOW_MAX || opts.fua === true) return false;
+    if (this.#closing !== undefined || this.direct || this.#fastIo === 'none' || data.length > WRITE_NOW_MAX || opts.fua === true) return false;
     try {
-      this.#writeNow(data, this.#base + offset);
+      if (this.#fastIo === 'memory') {
+        this.#writeNow(data, this.#base + offset);
+        return true;
+      }
+      const start = performance.now();
+      if (!this.#loopWrites.allows(start)) return false;
+      try {
+        this.#writeNow(data, this.#base + offset);
+      } finally {
+        this.#loopWrites.took(start, performance.now() - start, data.length);
+      }
     } catch (err) {
       throw toBlockError(err);
     }
     return true;
+  }
+
+  /** Slow writes seen on the caller's thread (see LoopWriteGuard). */
+  get slowLoopWrites(): number {
+    return this.#loopWrites.slowWrites;
   }
 
   /** Write data at file position p (no FUA). */

@@ -83,7 +83,7 @@ export interface BlockNode {
   write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void>;
   /**
    * Optional: write on this thread, before returning, when this node can do
-   * so without waiting (a small write into a memory-backed file); then
+   * so without waiting (a copy into tmpfs, memory or a file's page cache); then
    * `data` need not outlive the call. Returns false, having done nothing,
    * when it cannot: the caller then calls write(). Throws as write()
    * rejects. A node that changes writes (tracking, guards) must not

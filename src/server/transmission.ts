@@ -73,8 +73,8 @@ const DIRECT_READ_MIN = 64 * 1024;
 
 /**
  * Unless the host writes large payloads at once (writesLargeNow), a large
- * write the node can do on this thread (BlockNode.writeNow: a tmpfs file,
- * memory) is written after the socket has been read dry, this much per
+ * write the node can do on this thread (BlockNode.writeNow: into tmpfs,
+ * memory or a file's page cache) is written after the socket has been read dry, this much per
  * connection per turn of the event loop, and answered when its last slice
  * is in. Between slices the loop reads the socket again, so the client
  * keeps sending while we copy: a Unix socket holds only the sender's
