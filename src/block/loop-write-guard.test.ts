@@ -3,34 +3,44 @@ import { test } from 'node:test';
 import { LoopWriteGuard } from './loop-write-guard.ts';
 
 const t = { timeout: 5_000 };
+const K128 = 128 * 1024;
 
-test('LoopWriteGuard: quick writes keep the event loop; a slow one sends writes to the pool for a spell that doubles, and is forgiven after a quiet minute', t, () => {
+test('LoopWriteGuard: quick writes and a lone slow one keep the event loop', t, () => {
   const g = new LoopWriteGuard();
   assert.equal(g.allows(0), true);
-  g.took(0, 0.05, 128 * 1024);
-  g.took(1, 2.1, 128 * 1024); // 2 ms + 0.13 ms for the bytes: not slow yet
-  g.took(5, 5, 4 * 1024 * 1024); // 4 MiB in 5 ms: within 2 + 4.2 ms
+  g.took(0, 0.05, K128);
+  g.took(1, 2.1, K128); // 2 ms + 0.13 ms for the bytes: not slow
+  g.took(5, 6, 4 * 1024 * 1024); // 4 MiB in 6 ms: within 2 + 4.2 ms
   assert.equal(g.slowWrites, 0);
-  assert.equal(g.allows(10), true);
-
-  g.took(100, 50, 128 * 1024); // throttled: ends at 150
+  g.took(100, 5, K128); // descheduled once
   assert.equal(g.slowWrites, 1);
-  assert.equal(g.allows(1_149), false, 'in the pool for 1 s after the slow write ended');
-  assert.equal(g.allows(1_150), true);
+  assert.equal(g.allows(106), true, 'a lone slow write is not throttling');
+  g.took(1_200, 5, K128); // another, but more than a second later
+  assert.equal(g.allows(1_206), true);
+});
 
-  g.took(1_200, 10, 128 * 1024); // slow again soon: 2 s
-  assert.equal(g.allows(3_209), false);
-  assert.equal(g.allows(3_210), true);
-  let at = 3_300;
+test('LoopWriteGuard: two slow writes within a second, or one very slow, send writes to the pool for a spell that doubles up to 64 s and is forgiven after a quiet minute', t, () => {
+  const g = new LoopWriteGuard();
+  g.took(100, 5, K128);
+  g.took(300, 10, K128); // the second within a second: ends at 310
+  assert.equal(g.allows(1_309), false, 'in the pool for 1 s after the slow write ended');
+  assert.equal(g.allows(1_310), true);
+
+  g.took(1_400, 30, K128); // very slow on its own: 2 s this time
+  assert.equal(g.allows(3_429), false);
+  assert.equal(g.allows(3_430), true);
+  let at = 3_500;
   for (let i = 0; i < 10; i++) {
-    g.took(at, 10, 4096);
-    at += 70_000 - 61_000; // each within a minute of the last
+    g.took(at, 30, 4096);
+    at += 9_000; // each within a minute of the last
   }
-  assert.equal(g.allows(at - 9_000 + 10 + 63_999), false, 'the spell stops doubling at 64 s');
-  assert.equal(g.allows(at - 9_000 + 10 + 64_000), true);
+  const lastEnd = at - 9_000 + 30;
+  assert.equal(g.allows(lastEnd + 63_999), false, 'the spell stops doubling at 64 s');
+  assert.equal(g.allows(lastEnd + 64_000), true);
 
-  const quietEnd = at + 200_000;
-  g.took(quietEnd, 10, 4096);
-  assert.equal(g.allows(quietEnd + 10 + 999), false);
-  assert.equal(g.allows(quietEnd + 10 + 1_000), true, 'after a quiet minute the spell is 1 s again');
+  const later = lastEnd + 200_000;
+  g.took(later, 30, 4096);
+  assert.equal(g.allows(later + 30 + 999), false);
+  assert.equal(g.allows(later + 30 + 1_000), true, 'after a quiet minute the spell is 1 s again');
+  assert.equal(g.slowWrites, 14);
 });
