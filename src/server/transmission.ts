@@ -481,9 +481,10 @@ export class Transmission {
   }
 
   /**
-   * The node stopped writing on this thread partway (it is closing): what
-   * is left of the write goes the usual way, and its reply, error or not,
-   * answers the request.
+   * The node stopped writing on this thread partway (it is closing, or a
+   * file's LoopWriteGuard sent its writes to the pool): what is left of the
+   * write goes the usual way, and its reply, error or not, answers the
+   * request (whose metrics then count only the rest's bytes).
    */
   #dispatchRest(w: SlicedWrite): void {
     if (w.written === 0) {
