@@ -775,6 +775,25 @@ describe('Transmission: large writes in slices, one per turn of the event loop (
     assert.equal(s.tx.inflight, 0);
   });
 
+  test('parsing pauses while 2 MiB of one connection wait for their slices, and resumes as they are written', t, async () => {
+    const node = new SyncWriteNode(8 * MiB);
+    const s = setup({ spec: { node } });
+    const payloads = [1, 2, 3].map((i) => Buffer.alloc(MiB, i));
+    s.feed(Buffer.concat(payloads.flatMap((p, i) => [rq(NBD_CMD_WRITE, BigInt(i + 1), i * MiB, MiB), p])));
+    assert.equal(s.tx.inflight, 2, 'two queued');
+    assert.equal(s.tx.saturated, true, 'at the bound, below maxInflightBytes');
+    assert.equal(s.queue.length, 28 + MiB, 'the third waits in the socket queue');
+    await turn();
+    assert.equal(s.queue.length, 28 + MiB, 'still waiting while 2 MiB are queued');
+    await waitFor(() => s.host.replies.length === 1, 2000, 'the first reply');
+    assert.equal(s.queue.length, 0, 'parsed once the first write was answered');
+    await waitFor(() => s.host.replies.length === 3, 2000, '3 replies');
+    assert.deepEqual(cookiesOf(s.host), [1n, 2n, 3n]);
+    for (const [i, p] of payloads.entries()) assert.ok(node.data.subarray(i * MiB, (i + 1) * MiB).equals(p));
+    assert.equal(s.tx.saturated, false);
+    assert.equal(s.tx.inflight, 0);
+  });
+
   test('NBD_CMD_DISC waits for the writes still being sliced', t, async () => {
     const node = new SyncWriteNode(4 * MiB);
     const s = setup({ spec: { node } });

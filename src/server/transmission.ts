@@ -85,6 +85,16 @@ const DIRECT_READ_MIN = 64 * 1024;
 const WRITE_SLICE = 128 * 1024;
 
 /**
+ * Parsing pauses while this many bytes of one connection's large writes
+ * wait for their slices. A payload then reaches the file soon after it was
+ * read from the socket, while the CPU's cache still holds it: with the
+ * in-flight bound alone (4 MiB a connection, 16 MiB for nbdcopy's four)
+ * both copies went to and from memory, and `nbdcopy` into tmpfs spent
+ * 15 % more CPU per GB (bench/README.md, session `s10`).
+ */
+const MAX_SLICED_BYTES = 2 * 1024 * 1024;
+
+/**
  * Reads at least this long are sent from the file (sendfile) when the node
  * can say where their bytes lie: below it, a read is a small copy and its
  * reply joins the batch's one writev.
@@ -181,6 +191,8 @@ export class Transmission {
   #pooledPayloads: WeakMap<Request, Buffer> | undefined;
   /** Large writes waiting for their slices (see WRITE_SLICE), oldest first. */
   #sliced: SlicedWrite[] | undefined;
+  /** Bytes of the writes in #sliced (see MAX_SLICED_BYTES). */
+  #slicedBytes = 0;
   /** Resumes parsing once the shared budget has room again. */
   readonly #wake: () => void;
 
@@ -208,7 +220,11 @@ export class Transmission {
   get saturated(): boolean {
     // Waiting for the shared budget counts too: the socket must not be read meanwhile.
     if (this.#state.name === 'budget') return true;
-    return this.#inflightBytes >= this.#limits.maxInflightBytes || this.#inflight >= this.#limits.maxInflightRequests;
+    return (
+      this.#inflightBytes >= this.#limits.maxInflightBytes ||
+      this.#inflight >= this.#limits.maxInflightRequests ||
+      this.#slicedBytes >= MAX_SLICED_BYTES
+    );
   }
 
   /** From now on new requests get NBD_ESHUTDOWN ("Terminating the transmission phase"). */
@@ -441,6 +457,7 @@ export class Transmission {
     if (this.#session.export.node.writeNow === undefined || (req.flags & NBD_CMD_FLAG_FUA) !== 0) return false;
     const queue = (this.#sliced ??= []);
     queue.push({ req, payload, start, written: 0 });
+    this.#slicedBytes += req.length;
     // Counted in flight like a dispatched request: it holds its payload, and NBD_CMD_DISC waits for it.
     this.#inflight++;
     this.#inflightBytes += req.length;
@@ -460,24 +477,28 @@ export class Transmission {
         w.written += n;
         if (w.written === payload.length) reply = tx.#writtenReply(req, w.start);
       } else {
-        queue.shift();
-        tx.#inflight--;
-        tx.#inflightBytes -= req.length;
+        tx.#unqueueSliced();
         tx.#dispatchRest(w);
       }
     } catch (err) {
       reply = tx.#failed(req, err, w.start);
     }
     if (reply !== undefined) {
-      queue.shift();
-      tx.#inflight--;
-      tx.#inflightBytes -= req.length;
+      tx.#unqueueSliced();
       tx.#releasePayload(req);
       tx.#answerWrittenNow(req, reply);
     }
     if (queue.length > 0) setImmediate(Transmission.#writeSlice, tx);
     if (tx.#state.name === 'disconnecting') tx.#closeWhenIdle();
     else tx.#host.progress();
+  }
+
+  /** The oldest sliced write leaves the queue and stops counting in flight. */
+  #unqueueSliced(): void {
+    const { req } = this.#sliced!.shift()!;
+    this.#slicedBytes -= req.length;
+    this.#inflight--;
+    this.#inflightBytes -= req.length;
   }
 
   /**
