@@ -89,8 +89,9 @@ const WRITE_SLICE = 128 * 1024;
  * wait for their slices. A payload then reaches the file soon after it was
  * read from the socket, while the CPU's cache still holds it: with the
  * in-flight bound alone (4 MiB a connection, 16 MiB for nbdcopy's four)
- * both copies went to and from memory, and `nbdcopy` into tmpfs spent
- * 15 % more CPU per GB (bench/README.md, session `s10`).
+ * both copies went to and from memory, and `nbdcopy --connections=1`
+ * spent 13 % (tmpfs) to 21 % (disk) more CPU per GB (bench/README.md,
+ * session `s10`).
  */
 const MAX_SLICED_BYTES = 2 * 1024 * 1024;
 
