@@ -116,6 +116,14 @@ export class ReplyWriter {
     if (this.#batches.length === 1 && !this.#blocked) this.#drive();
   }
 
+  /**
+   * write(parts) would hand them to the socket now, all Buffers, and the
+   * socket runs their callbacks later, never from inside write().
+   */
+  takesAtOnce(parts: ReplyPart[]): boolean {
+    return this.#batches.length === 0 && !this.#socket.destroyed && !this.#socket.writableEnded && allBuffers(parts);
+  }
+
   /** Run `fn` once every batch has been handed to the socket (at once if none is left). */
   whenIdle(fn: () => void): void {
     if (this.#batches.length === 0) fn();

@@ -85,6 +85,17 @@ async function withServer(
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** What a non-blocking socket descriptor holds now, without waiting. */
+function readReady(fd: number): Buffer {
+  const buf = Buffer.alloc(64 * 1024);
+  try {
+    return buf.subarray(0, fs.readSync(fd, buf));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EAGAIN') return Buffer.alloc(0);
+    throw err;
+  }
+}
+
 describe('NbdServer on a Unix socket', () => {
   test('maxConnections 1: a second client gets no greeting until the first leaves', t, async () => {
     await withServer({ maxConnections: 1, persistent: true }, async (server, socketPath, clients) => {
@@ -310,6 +321,80 @@ describe('NbdServer on a Unix socket', () => {
         fs.rmSync(dir, { recursive: true, force: true });
       }
     });
+  }
+
+  // Writes and reads the node does at once (writeNow, readNow) all run in
+  // one turn of the event loop; the client must not wait for that turn's
+  // end to see the first replies to a run of writes.
+  const batches = [
+    { kinds: 'wwwwwwwwwwww', seen: 8 * 16, why: 'the first eight replies were with the client before the twelfth write' },
+    { kinds: 'wwwwwwwrwwww', seen: 0, why: 'a reply with data starts the count of status replies again' },
+  ];
+  for (const socketReader of [true, false]) {
+    for (const { kinds, seen, why } of batches) {
+      test(`status replies leave in eights while the rest of a batch is parsed: ${kinds} (${socketReader ? 'socket reader' : "'data' events"})`, t, async () => {
+        const last = (kinds.length - 1) * 512;
+        let seenAtLast: Buffer | undefined;
+        let clientFd = -1;
+        class NowNode extends FakeNode {
+          writeNow(offset: number, data: Buffer): boolean {
+            if (offset === last) seenAtLast = readReady(clientFd);
+            this.fill(offset, data);
+            return true;
+          }
+          readNow(offset: number, length: number): Buffer {
+            return Buffer.from(this.data.subarray(offset, offset + length));
+          }
+        }
+        const node = new NowNode(64 * 1024);
+        const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
+        const socketPath = path.join(dir, 'nbd.sock');
+        const server = new NbdServer({ exports: registryOf(makeExport({ name: 'a', node })), maxConnections: 0, persistent: true, handshakeLimitMs: 0, socketReader });
+        let client: RawClient | undefined;
+        try {
+          await server.listenUnix(socketPath);
+          client = await connect(socketPath);
+          await client.waitBytes(18);
+          client.socket.write(Buffer.concat([u32(3), optionBytes(NBD_OPT_GO, Buffer.concat([lstr('a'), u16(0)]))]));
+          await client.waitBytes(18 + 86);
+          // From here the test reads the client's socket itself, without blocking.
+          // (pause() alone lets Node read on up to its high-water mark.)
+          client.socket.pause();
+          const handle = (client.socket as unknown as { _handle: { fd: number; readStop(): number } })._handle;
+          handle.readStop();
+          clientFd = handle.fd;
+          const requests: Buffer[] = [];
+          [...kinds].forEach((kind, i) => {
+            const offset = i * 512;
+            if (kind === 'w') requests.push(requestBytes({ type: NBD_CMD_WRITE, cookie: BigInt(i + 1), offset, length: 512 }), Buffer.alloc(512, i + 1));
+            else requests.push(requestBytes({ type: NBD_CMD_READ, cookie: BigInt(i + 1), offset, length: 512 }));
+          });
+          client.socket.write(Buffer.concat(requests));
+          await waitFor(() => seenAtLast !== undefined);
+          const total = kinds.length * 16 + kinds.replaceAll('w', '').length * 512;
+          let replies = seenAtLast!;
+          const deadline = Date.now() + 2000;
+          while (replies.length < total && Date.now() < deadline) {
+            replies = Buffer.concat([replies, readReady(clientFd)]);
+            await sleep(5);
+          }
+          assert.equal(seenAtLast!.length, seen, why);
+          assert.equal(replies.length, total);
+          let at = 0;
+          [...kinds].forEach((kind, i) => {
+            const length = kind === 'w' ? 16 : 16 + 512;
+            const r = parseSimpleReply(replies.subarray(at, at + length));
+            assert.deepEqual([r.cookie, r.error, r.data.length], [BigInt(i + 1), 0, length - 16]);
+            at += length;
+          });
+          assert.equal(node.data[last], kinds.length);
+        } finally {
+          client?.socket.destroy();
+          await server.close();
+          fs.rmSync(dir, { recursive: true, force: true });
+        }
+      });
+    }
   }
 
   test('listenUnix replaces a stale socket file', t, async () => {
