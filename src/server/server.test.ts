@@ -85,6 +85,26 @@ async function withServer(
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** A server of export 'a' on `node` and a client past NBD_OPT_GO; both gone, with their files, once `body` ends. */
+async function withGoClient(node: FakeNode, socketReader: boolean, body: (client: RawClient) => Promise<void>): Promise<void> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
+  const socketPath = path.join(dir, 'nbd.sock');
+  const server = new NbdServer({ exports: registryOf(makeExport({ name: 'a', node })), maxConnections: 0, persistent: true, handshakeLimitMs: 0, socketReader });
+  let client: RawClient | undefined;
+  try {
+    await server.listenUnix(socketPath);
+    client = await connect(socketPath);
+    await client.waitBytes(18);
+    client.socket.write(Buffer.concat([u32(3), optionBytes(NBD_OPT_GO, Buffer.concat([lstr('a'), u16(0)]))]));
+    await client.waitBytes(18 + 86);
+    await body(client);
+  } finally {
+    client?.socket.destroy();
+    await server.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 /** What a non-blocking socket descriptor holds now, without waiting. */
 function readReady(fd: number): Buffer {
   const buf = Buffer.alloc(64 * 1024);
@@ -287,16 +307,7 @@ describe('NbdServer on a Unix socket', () => {
   for (const socketReader of [true, false]) {
     test(`large and small pipelined writes arrive intact (${socketReader ? 'socket reader' : "'data' events"})`, t, async () => {
       const node = new FakeNode(4 * 1024 * 1024);
-      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
-      const socketPath = path.join(dir, 'nbd.sock');
-      const server = new NbdServer({ exports: registryOf(makeExport({ name: 'a', node })), maxConnections: 0, persistent: true, handshakeLimitMs: 0, socketReader });
-      let client: RawClient | undefined;
-      try {
-        await server.listenUnix(socketPath);
-        client = await connect(socketPath);
-        await client.waitBytes(18);
-        client.socket.write(Buffer.concat([u32(3), optionBytes(NBD_OPT_GO, Buffer.concat([lstr('a'), u16(0)]))]));
-        await client.waitBytes(18 + 86);
+      await withGoClient(node, socketReader, async (client) => {
         const expected = Buffer.alloc(node.size);
         const sizes = [300 * 1024, 4096, 1, 1024 * 1024 + 7, 65536, 512, 2 * 1024 * 1024 - 13, 100];
         let offset = 0;
@@ -315,11 +326,7 @@ describe('NbdServer on a Unix socket', () => {
         const replies = client.received().subarray(18 + 86);
         for (let i = 0; i < sizes.length; i++) assert.equal(parseSimpleReply(replies.subarray(i * 16, i * 16 + 16)).error, 0);
         assert.ok(node.data.equals(expected), 'every byte where it was written');
-      } finally {
-        client?.socket.destroy();
-        await server.close();
-        fs.rmSync(dir, { recursive: true, force: true });
-      }
+      });
     });
   }
 
@@ -347,16 +354,7 @@ describe('NbdServer on a Unix socket', () => {
           }
         }
         const node = new NowNode(64 * 1024);
-        const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
-        const socketPath = path.join(dir, 'nbd.sock');
-        const server = new NbdServer({ exports: registryOf(makeExport({ name: 'a', node })), maxConnections: 0, persistent: true, handshakeLimitMs: 0, socketReader });
-        let client: RawClient | undefined;
-        try {
-          await server.listenUnix(socketPath);
-          client = await connect(socketPath);
-          await client.waitBytes(18);
-          client.socket.write(Buffer.concat([u32(3), optionBytes(NBD_OPT_GO, Buffer.concat([lstr('a'), u16(0)]))]));
-          await client.waitBytes(18 + 86);
+        await withGoClient(node, socketReader, async (client) => {
           // From here the test reads the client's socket itself, without blocking.
           // (pause() alone lets Node read on up to its high-water mark.)
           client.socket.pause();
@@ -388,11 +386,7 @@ describe('NbdServer on a Unix socket', () => {
             at += length;
           });
           assert.equal(node.data[last], kinds.length);
-        } finally {
-          client?.socket.destroy();
-          await server.close();
-          fs.rmSync(dir, { recursive: true, force: true });
-        }
+        });
       });
     }
   }
