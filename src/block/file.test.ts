@@ -5,7 +5,7 @@ import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { pattern, runConformance } from './conformance.ts';
 import { DIRECT_ALIGN, FileNode } from './file.ts';
-import { cachedFully, fallocate, filesystemType, seek, SEEK_DATA, setFfiEnabled, TMPFS_MAGIC } from './ffi.ts';
+import { bufferAddress, cachedFully, fallocate, filesystemType, preadNowait, seek, SEEK_DATA, setFfiEnabled, TMPFS_MAGIC } from './ffi.ts';
 import { openBlockNode } from './open.ts';
 import { BlockError } from './types.ts';
 
@@ -488,6 +488,45 @@ describe('writeNow (small writes on the caller\'s thread)', () => {
     }
     assert.equal(fs.readFileSync(p).subarray(0, 4).toString(), 'abcd');
     fs.rmSync(p);
+  });
+});
+
+describe('bufferAddress and preadNowait', () => {
+  test('addresses of slices of one store, asked in any order, and reads into them land where they should', t, (ctx) => {
+    const slab = Buffer.allocUnsafeSlow(64 * 1024).fill(0xee);
+    const late = slab.subarray(40_000, 44_096);
+    const lateAddress = bufferAddress(late);
+    if (lateAddress === null) return ctx.skip('no FFI');
+    assert.equal(bufferAddress(slab), lateAddress - 40_000);
+    assert.equal(bufferAddress(slab.subarray(4097, 4098)), lateAddress - 40_000 + 4097);
+    // A small Buffer may start out inside V8's heap: its address must still hold after more allocation.
+    const small = Buffer.from('0123456789abcdef');
+    const smallAddress = bufferAddress(small);
+    for (let i = 0; i < 10_000; i++) Buffer.from(`garbage ${i}`);
+    assert.equal(bufferAddress(small), smallAddress);
+    const p = tempFile(0);
+    fs.writeFileSync(p, pattern(64 * 1024, 9));
+    const fd = fs.openSync(p, 'r');
+    try {
+      fs.readFileSync(p); // cached
+      let n: number;
+      try {
+        n = preadNowait(fd, late, 8192);
+      } catch (err) {
+        if ((err as BlockError).code === 'EOPNOTSUPP') return ctx.skip('no RWF_NOWAIT here');
+        throw err;
+      }
+      if (n === -1) return ctx.skip('the page cache let the file go');
+      assert.equal(n, 4096);
+      assert.ok(late.equals(pattern(64 * 1024, 9).subarray(8192, 8192 + 4096)), 'the bytes of the file at 8192');
+      assert.ok(slab.subarray(0, 40_000).equals(Buffer.alloc(40_000, 0xee)), 'nothing before the slice touched');
+      assert.ok(slab.subarray(44_096).equals(Buffer.alloc(64 * 1024 - 44_096, 0xee)), 'nothing after it');
+      assert.equal(preadNowait(fd, small, 16), 16);
+      assert.ok(small.equals(pattern(64 * 1024, 9).subarray(16, 32)));
+    } finally {
+      fs.closeSync(fd);
+      fs.rmSync(p);
+    }
   });
 });
 
