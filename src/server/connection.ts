@@ -372,11 +372,7 @@ export class Connection {
   readonly #flushReplies = (): void => {
     this.#flushScheduled = false;
     if (this.#replies.length === 0 || this.socket.destroyed || this.socket.writableEnded) {
-      const callbacks = this.#sentCallbacks;
-      this.#replies = [];
-      this.#sentCallbacks = [];
-      this.#statusReplies = 0;
-      for (const cb of callbacks) cb();
+      for (const cb of this.#takeQueued()[1]) cb();
       return;
     }
     this.#writeQueued();
@@ -384,12 +380,17 @@ export class Connection {
   };
 
   #writeQueued(): void {
-    const replies = this.#replies;
-    const callbacks = this.#sentCallbacks;
+    const [replies, callbacks] = this.#takeQueued();
+    this.#writer.write(replies, callbacks);
+  }
+
+  /** The queued replies and their callbacks; the queue starts empty again. */
+  #takeQueued(): [ReplyPart[], (() => void)[]] {
+    const taken: [ReplyPart[], (() => void)[]] = [this.#replies, this.#sentCallbacks];
     this.#replies = [];
     this.#sentCallbacks = [];
     this.#statusReplies = 0;
-    this.#writer.write(replies, callbacks);
+    return taken;
   }
 
   /**
