@@ -545,6 +545,9 @@ describe('readNow (small reads on the caller\'s thread)', () => {
       assert.ok(got !== null && got.buffer === into.buffer, 'read into the caller\'s buffer');
       assert.ok(got.subarray(0, 2 * KiB).equals(Buffer.alloc(2 * KiB)), 'a hole reads as zeroes');
       assert.ok(got.subarray(2 * KiB).equals(pattern(4 * KiB, 5).subarray(0, 2 * KiB)));
+      const exact = Buffer.alloc(4 * KiB, 0xff);
+      assert.equal(node.readNow(8 * KiB, 4 * KiB, exact), exact, 'a buffer of the read\'s length is itself returned');
+      assert.ok(exact.equals(pattern(4 * KiB, 5)));
       assert.equal(node.readNow(0, 256 * KiB), null, 'large reads go to the pool');
     });
     await withFile(FileNode.open({ path: p, direct: true }), async (node) => {

@@ -355,7 +355,7 @@ export class FileNode implements BlockNode {
     const p = this.#base + offset;
     // As in read(): a range the data map does not know may hold holes, whose reads go around them.
     if (this.#dataMap !== null && !this.#dataMap.covers(p, p + length)) return null;
-    const out = into === undefined ? Buffer.allocUnsafe(length) : into.subarray(0, length);
+    const out = into === undefined ? Buffer.allocUnsafe(length) : into.length === length ? into : into.subarray(0, length);
     // A short read (pages not cached) is read again, whole, by read().
     return this.#readNow(out, p) === length ? out : null;
   }

@@ -85,7 +85,7 @@ export class MemoryNode implements BlockNode {
 
   /** Every read is a copy out of memory: done before returning. */
   readNow(offset: number, length: number, into?: Buffer): Buffer {
-    const out = into === undefined ? Buffer.allocUnsafe(length) : into.subarray(0, length);
+    const out = into === undefined ? Buffer.allocUnsafe(length) : into.length === length ? into : into.subarray(0, length);
     // Within one chunk (a small read, the common case): no closure, one lookup.
     const index = Math.floor(offset / this.#chunkSize);
     const at = offset - index * this.#chunkSize;

@@ -78,6 +78,8 @@ export interface BlockNode {
    * the page cache); null, having changed nothing the caller can see, when
    * it cannot: the caller then calls read(). Throws as read() rejects. A
    * node that changes reads must not inherit this from the node it wraps.
+   * When `into` is exactly `length` long and the bytes land in it, `into`
+   * itself is returned (callers test that with ===).
    */
   readNow?(offset: number, length: number, into?: Buffer): Buffer | null;
   write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void>;

@@ -272,6 +272,10 @@ describe('reply encoders match the spec byte layouts', () => {
       toHex(encodeChunkOffsetHole(COOKIE, true, 4096, 0xffffffff)),
       toHex(hex(`668e33ef | 0001 | 0002 | ${C} | 0000000c | 0000000000001000 | ffffffff`)),
     );
+    assert.equal(
+      toHex(encodeChunkOffsetHole(COOKIE, true, 2 ** 32 + 4096, 512)),
+      toHex(hex(`668e33ef | 0001 | 0002 | ${C} | 0000000c | 0000000100001000 | 00000200`)),
+    );
   });
 
   test('NBD_REPLY_TYPE_BLOCK_STATUS: context id, then length/flags pairs', t, () => {

@@ -567,13 +567,14 @@ export class Transmission {
     const space = replySpace(headerLength + req.length);
     let reply: Buffer[];
     try {
-      const data = node.readNow(req.offset, req.length, space?.subarray(headerLength));
+      const into = space?.subarray(headerLength);
+      const data = node.readNow(req.offset, req.length, into);
       if (data === null) {
         if (space !== undefined) unusedReplySpace(space);
         return false;
       }
       this.#done(req, 0, req.length, start);
-      reply = this.#dataReply(req, data, space !== undefined && data.buffer === space.buffer && data.byteOffset === space.byteOffset + headerLength ? space : undefined);
+      reply = this.#dataReply(req, data, data === into ? space : undefined);
     } catch (err) {
       if (space !== undefined) unusedReplySpace(space);
       reply = this.#failed(req, err, start);
