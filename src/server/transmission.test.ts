@@ -771,6 +771,9 @@ describe('Transmission: large writes in slices, one per turn of the event loop (
     assert.deepEqual(node.now, [MiB], 'one slice on this thread');
     assert.deepEqual(node.calls.filter((x) => x.op === 'write').map((x) => [x.offset, x.length]), [[MiB + 128 * 1024, a.length - 128 * 1024]], 'the rest through write()');
     assert.ok(node.data.subarray(MiB, MiB + a.length).equals(a));
+    // Its event is the client's request, with every byte it wrote, not the rest's.
+    const done = s.host.events.filter((e) => e.cookie === 1n);
+    assert.deepEqual(done.map((e) => [e.offset, e.length, e.bytes, e.error]), [[MiB, a.length, a.length, 0]]);
     await waitFor(() => budget.used === 0, 2000, 'every byte of the budget back');
     assert.equal(s.tx.inflight, 0);
   });

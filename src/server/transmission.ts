@@ -363,7 +363,12 @@ export class Transmission {
     if (this.#inflight === 0) this.#host.close('client sent NBD_CMD_DISC', 'disc');
   }
 
-  #dispatch(req: Request, payload: Buffer | undefined, start: number): void {
+  /**
+   * Run `req` and send its reply. `asked` is the request as the client sent
+   * it, when `req` is only the rest of it (#dispatchRest): the request's
+   * events and logs are about what the client asked for.
+   */
+  #dispatch(req: Request, payload: Buffer | undefined, start: number, asked: Request = req): void {
     const cost = req.type === NBD_CMD_READ ? req.length : (payload?.length ?? 0);
     // Budget bytes (taken in the 'budget' state) go back once the reply is with the kernel.
     const held = this.#limits.budget !== undefined && (req.type === NBD_CMD_READ || req.type === NBD_CMD_WRITE) ? req.length : 0;
@@ -372,10 +377,10 @@ export class Transmission {
     this.#run(req, payload)
       .then(
         (parts) => {
-          this.#done(req, 0, req.type === NBD_CMD_READ || req.type === NBD_CMD_WRITE ? req.length : 0, start);
+          this.#done(asked, 0, asked.type === NBD_CMD_READ || asked.type === NBD_CMD_WRITE ? asked.length : 0, start);
           return parts;
         },
-        (err: unknown) => this.#failed(req, err, start),
+        (err: unknown) => this.#failed(asked, err, start),
       )
       .then((parts) => {
         this.#inflight--;
@@ -506,7 +511,7 @@ export class Transmission {
    * The node stopped writing on this thread partway (it is closing, or a
    * file's LoopWriteGuard sent its writes to the pool): what is left of the
    * write goes the usual way, and its reply, error or not, answers the
-   * request (whose metrics then count only the rest's bytes).
+   * request (its events count every byte the client sent).
    */
   #dispatchRest(w: SlicedWrite): void {
     if (w.written === 0) {
@@ -521,7 +526,7 @@ export class Transmission {
       this.#pooledPayloads!.delete(w.req);
       this.#pooledPayloads!.set(rest, pooled);
     }
-    this.#dispatch(rest, w.payload.subarray(w.written), w.start);
+    this.#dispatch(rest, w.payload.subarray(w.written), w.start, w.req);
   }
 
   #releasePayload(req: Request): void {
