@@ -13,6 +13,7 @@ import type { Logger } from './log.ts';
 import type { SocketReader } from './socket-reader.ts';
 import type { ClientSocket } from './wire.ts';
 import { ReplyWriter, type ReplyPart } from './reply-writer.ts';
+import { ReplySpace } from './reply-space.ts';
 
 /** Unread option replies at which a negotiating client stops being read. */
 const NEGOTIATION_REPLY_BACKLOG = 256 * 1024;
@@ -77,6 +78,8 @@ export class Connection {
   #handshakeTimer: NodeJS.Timeout | undefined;
   #lingerTimer: NodeJS.Timeout | undefined;
   readonly #writer: ReplyWriter;
+  /** Where this connection's small replies are built; recycled once they are all sent. */
+  readonly #replySpace = new ReplySpace();
   #replies: ReplyPart[] = [];
   /** Run when the queued replies are written (they return budget bytes). */
   #sentCallbacks: (() => void)[] = [];
@@ -260,6 +263,7 @@ export class Connection {
     this.#transmission = new Transmission(
       {
         id: this.id,
+        replySpace: this.#replySpace,
         sendReply: (parts, sent) => this.#queueReply(parts, sent),
         sendsFiles: this.#writer.sendsFiles,
         writesLargeNow: this.transport !== 'unix',
@@ -382,6 +386,8 @@ export class Connection {
   #writeQueued(): void {
     const [replies, callbacks] = this.#takeQueued();
     this.#writer.write(replies, callbacks);
+    // Every reply built so far is now with the kernel: its reply space may be written again.
+    if (this.#writer.backlog === 0) this.#replySpace.recycle();
   }
 
   /** The queued replies and their callbacks; the queue starts empty again. */

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { after, test } from 'node:test';
 import type { FileSlice } from '../exports/export.ts';
 import { coalesceSmall, mergeAdjacent, ReplyWriter, type ReplyPart } from './reply-writer.ts';
-import { REPLY_SPACE_MAX, replySpace, unusedReplySpace } from './reply-space.ts';
+import { freeReplyBlocks, inReplySpace, REPLY_SPACE_MAX, ReplySpace } from './reply-space.ts';
 import { sendfileAvailable, setSendfileEnabled } from './sendfile.ts';
 import { waitFor } from './test-helpers.ts';
 
@@ -178,7 +178,8 @@ test('a slice waits for earlier buffered writes, and later writes wait for the s
 });
 
 test('replies built one after another in reply space go as one view of it, with no copy', () => {
-  const parts = [4112, 16, 4112, 4112, 16].map((n, i) => replySpace(n)!.fill(i + 1));
+  const space = new ReplySpace();
+  const parts = [4112, 16, 4112, 4112, 16].map((n, i) => space.take(n)!.fill(i + 1));
   const joined = mergeAdjacent(parts);
   if (joined.length === 1) {
     assert.equal(joined[0]!.buffer, parts[0]!.buffer, 'a view, not a copy');
@@ -206,14 +207,45 @@ test('mergeAdjacent keeps parts apart unless one starts where the one before end
 });
 
 test('reply space: in order within a block, never above REPLY_SPACE_MAX; the last unused piece can be handed back', () => {
-  assert.equal(replySpace(REPLY_SPACE_MAX + 1), undefined);
-  const a = replySpace(100)!;
-  const b = replySpace(100)!;
-  if (a.buffer === b.buffer) assert.equal(b.byteOffset, a.byteOffset + 100);
-  unusedReplySpace(b);
-  const c = replySpace(50)!;
-  if (a.buffer === c.buffer) assert.equal(c.byteOffset, a.byteOffset + 100, 'b was handed back');
-  unusedReplySpace(a); // not the last one: nothing happens
-  const d = replySpace(10)!;
-  if (c.buffer === d.buffer) assert.equal(d.byteOffset, c.byteOffset + 50);
+  const space = new ReplySpace();
+  assert.equal(space.take(REPLY_SPACE_MAX + 1), undefined);
+  const a = space.take(100)!;
+  const b = space.take(100)!;
+  assert.equal(b.buffer, a.buffer);
+  assert.equal(b.byteOffset, a.byteOffset + 100);
+  space.giveBack(b);
+  const c = space.take(50)!;
+  assert.equal(c.byteOffset, a.byteOffset + 100, 'b was handed back');
+  space.giveBack(a); // not the last one: nothing happens
+  const d = space.take(10)!;
+  assert.equal(d.byteOffset, c.byteOffset + 50);
+  assert.ok(inReplySpace(d) && !inReplySpace(Buffer.alloc(10)));
+});
+
+test('reply space: blocks are written again only after recycle(), by any connection; a connection forgets blocks past eight', () => {
+  const one = new ReplySpace();
+  const two = new ReplySpace();
+  // Fill three blocks of one connection with a pattern, as unsent replies.
+  const sent = Array.from({ length: 3 * 4 }, (_, i) => one.take(8 * 1024)!.fill(i));
+  const blocksOfOne = new Set(sent.map((v) => v.buffer));
+  assert.equal(blocksOfOne.size, 3);
+  // Until one recycles, nothing else is built in its blocks.
+  for (let i = 0; i < 40; i++) assert.ok(!blocksOfOne.has(two.take(8 * 1024)!.buffer));
+  sent.forEach((v, i) => assert.ok(v.every((x) => x === i), 'unsent replies untouched'));
+  const before = freeReplyBlocks();
+  one.recycle();
+  assert.equal(freeReplyBlocks(), Math.min(64, before + 3), 'its three blocks are free');
+  // The next replies, of either connection, are built in them again, the last one freed first.
+  const again = one.take(100)!;
+  assert.ok(blocksOfOne.has(again.buffer));
+  assert.ok(blocksOfOne.has(two.take(REPLY_SPACE_MAX)!.buffer));
+  one.recycle();
+  two.recycle();
+  // A connection that never recycles keeps at most eight blocks for the free list; older ones go to the GC.
+  const never = new ReplySpace();
+  const taken = new Set(Array.from({ length: 12 * 4 }, () => never.take(8 * 1024)!.buffer));
+  assert.equal(taken.size, 12);
+  const freeBefore = freeReplyBlocks();
+  never.recycle();
+  assert.equal(freeReplyBlocks(), Math.min(64, freeBefore + 8));
 });

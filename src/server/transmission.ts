@@ -48,7 +48,7 @@ import type { BufferPool } from './buffer-pool.ts';
 import type { Session } from './negotiation.ts';
 import type { FileSlice, MemoryRun } from '../exports/export.ts';
 import type { ReplyPart } from './reply-writer.ts';
-import { replySpace, unusedReplySpace } from './reply-space.ts';
+import { ReplySpace } from './reply-space.ts';
 
 export interface TransmissionLimits {
   /** Parsing pauses once this many payload/reply bytes are in flight on one connection. */
@@ -142,6 +142,11 @@ export interface TransmissionHost {
   /** The connection's id, for events. */
   readonly id?: number;
   /**
+   * Where small replies are built; the host recycles it when its replies
+   * are all with the kernel. Without it, one that is never recycled.
+   */
+  readonly replySpace?: ReplySpace;
+  /**
    * Who wants request events (OBSERVE_* bits of events.ts), asked once per
    * feed. 0: no timestamps are taken and no request event is built. A host
    * without it observes every request's end.
@@ -196,12 +201,15 @@ export class Transmission {
   #slicedBytes = 0;
   /** Resumes parsing once the shared budget has room again. */
   readonly #wake: () => void;
+  /** Where small replies are built (see reply-space.ts). */
+  readonly #space: ReplySpace;
 
   constructor(host: TransmissionHost, session: Session, limits: TransmissionLimits = DEFAULT_LIMITS) {
     this.#host = host;
     this.#session = session;
     this.#limits = limits;
     this.#wake = () => host.progress();
+    this.#space = host.replySpace ?? new ReplySpace();
     const exp = session.export;
     this.#ctx = {
       size: exp.size,
@@ -550,7 +558,7 @@ export class Transmission {
 
   #writtenReply(req: Request, start: number): Buffer[] {
     this.#done(req, 0, req.length, start);
-    return [encodeSimpleReply(req.cookie, 0, replySpace(SIMPLE_REPLY_HEADER_LENGTH))];
+    return [encodeSimpleReply(req.cookie, 0, this.#space.take(SIMPLE_REPLY_HEADER_LENGTH))];
   }
 
   #answerWrittenNow(req: Request, reply: Buffer[]): void {
@@ -569,19 +577,19 @@ export class Transmission {
     if (node.readNow === undefined || req.length === 0 || req.length >= FILE_SLICE_MIN) return false;
     // Header and data side by side in shared reply space (see reply-space.ts).
     const headerLength = this.#session.structuredReplies ? OFFSET_DATA_HEADER_LENGTH : SIMPLE_REPLY_HEADER_LENGTH;
-    const space = replySpace(headerLength + req.length);
+    const space = this.#space.take(headerLength + req.length);
     let reply: Buffer[];
     try {
       const into = space?.subarray(headerLength);
       const data = node.readNow(req.offset, req.length, into);
       if (data === null) {
-        if (space !== undefined) unusedReplySpace(space);
+        if (space !== undefined) this.#space.giveBack(space);
         return false;
       }
       this.#done(req, 0, req.length, start);
       reply = this.#dataReply(req, data, data === into ? space : undefined);
     } catch (err) {
-      if (space !== undefined) unusedReplySpace(space);
+      if (space !== undefined) this.#space.giveBack(space);
       reply = this.#failed(req, err, start);
     }
     // The reply holds the bytes (and any budget taken in the 'budget' state) until it is sent.
