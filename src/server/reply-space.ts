@@ -68,7 +68,10 @@ export class ReplySpace {
    * Every reply built here so far is with the kernel (or will never be
    * sent): the blocks go to the free list, to be written again. The next
    * take() gets the one put there last, still in the CPU's cache; an idle
-   * connection holds none.
+   * connection holds none. Only between replies: Transmission queues each
+   * reply in the same call that took its space, and Connection recycles
+   * only from its flush, never from the hooks (events, logs) that run
+   * while a reply is being built.
    */
   recycle(): void {
     const held = this.#held;
