@@ -541,51 +541,53 @@ function readReplies(buf: Buffer, lengths: Map<bigint, number>, structured: bool
 }
 
 describe('reply space, shared by every connection', () => {
-  test('small reads on four connections, one of them not reading for a while: every reply carries its own bytes', { timeout: 20_000 }, async () => {
-    // Replies to small reads are built in blocks that a connection hands
-    // back once its replies are with the kernel; the others then build in
-    // them. The stalled client's replies wait in its socket meanwhile, and
-    // must not be overwritten before they are sent.
-    const SIZE = 4 * 1024 * 1024;
-    const node = new MemoryNode(SIZE);
-    const data = crypto.randomBytes(SIZE);
-    await node.write(0, data);
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
-    const socketPath = path.join(dir, 'nbd.sock');
-    const server = new NbdServer({ exports: registryOf(new Export({ name: 'a', node, multiConn: true })), maxConnections: 0, persistent: true, handshakeLimitMs: 0 });
-    const clients: RawClient[] = [];
-    try {
-      await server.listenUnix(socketPath);
-      for (let i = 0; i < 4; i++) {
-        const c = await connect(socketPath);
-        clients.push(c);
-        await c.waitBytes(18);
-        c.socket.write(Buffer.concat([u32(3), optionBytes(NBD_OPT_GO, Buffer.concat([lstr('a'), u16(0)]))]));
-        await c.waitBytes(18 + 86);
+  for (const rawSockets of [true, false]) {
+    test(`small reads on four connections, one of them not reading for a while: every reply carries its own bytes (${rawSockets ? 'Wire' : 'net.Socket'})`, { timeout: 20_000 }, async () => {
+      // Replies to small reads are built in blocks that a connection hands
+      // back once its replies are with the kernel; the others then build in
+      // them. The stalled client's replies wait in its socket meanwhile, and
+      // must not be overwritten before they are sent.
+      const SIZE = 4 * 1024 * 1024;
+      const node = new MemoryNode(SIZE);
+      const data = crypto.randomBytes(SIZE);
+      await node.write(0, data);
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-server-test-'));
+      const socketPath = path.join(dir, 'nbd.sock');
+      const server = new NbdServer({ exports: registryOf(new Export({ name: 'a', node, multiConn: true })), maxConnections: 0, persistent: true, handshakeLimitMs: 0, rawSockets });
+      const clients: RawClient[] = [];
+      try {
+        await server.listenUnix(socketPath);
+        for (let i = 0; i < 4; i++) {
+          const c = await connect(socketPath);
+          clients.push(c);
+          await c.waitBytes(18);
+          c.socket.write(Buffer.concat([u32(3), optionBytes(NBD_OPT_GO, Buffer.concat([lstr('a'), u16(0)]))]));
+          await c.waitBytes(18 + 86);
+        }
+        const base = clients.map((c) => c.received().length);
+        const READS = 1500;
+        const plans = clients.map(() =>
+          Array.from({ length: READS }, (_, i) => ({ cookie: BigInt(i), offset: crypto.randomInt(SIZE / 512 - 16) * 512, length: 512 * (1 + crypto.randomInt(16)) })),
+        );
+        clients[0]!.socket.pause();
+        plans.forEach((plan, i) => clients[i]!.socket.write(Buffer.concat(plan.map((r) => requestBytes({ type: NBD_CMD_READ, ...r })))));
+        const expected = plans.map((plan) => plan.reduce((n, r) => n + 16 + r.length, 0));
+        await Promise.all([1, 2, 3].map((i) => clients[i]!.waitBytes(base[i]! + expected[i]!, 15_000)));
+        await sleep(50);
+        clients[0]!.socket.resume();
+        await clients[0]!.waitBytes(base[0]! + expected[0]!, 15_000);
+        clients.forEach((c, i) => {
+          const replies = readReplies(c.received().subarray(base[i]!), new Map(plans[i]!.map((r) => [r.cookie, r.length])), false);
+          assert.equal(replies.size, READS);
+          for (const r of plans[i]!) assert.ok(replies.get(r.cookie)!.equals(data.subarray(r.offset, r.offset + r.length)), `client ${i} read ${r.cookie}`);
+        });
+      } finally {
+        for (const c of clients) c.socket.destroy();
+        await server.close();
+        fs.rmSync(dir, { recursive: true, force: true });
       }
-      const base = clients.map((c) => c.received().length);
-      const READS = 1500;
-      const plans = clients.map(() =>
-        Array.from({ length: READS }, (_, i) => ({ cookie: BigInt(i), offset: crypto.randomInt(SIZE / 512 - 16) * 512, length: 512 * (1 + crypto.randomInt(16)) })),
-      );
-      clients[0]!.socket.pause();
-      plans.forEach((plan, i) => clients[i]!.socket.write(Buffer.concat(plan.map((r) => requestBytes({ type: NBD_CMD_READ, ...r })))));
-      const expected = plans.map((plan) => plan.reduce((n, r) => n + 16 + r.length, 0));
-      await Promise.all([1, 2, 3].map((i) => clients[i]!.waitBytes(base[i]! + expected[i]!, 15_000)));
-      await sleep(50);
-      clients[0]!.socket.resume();
-      await clients[0]!.waitBytes(base[0]! + expected[0]!, 15_000);
-      clients.forEach((c, i) => {
-        const replies = readReplies(c.received().subarray(base[i]!), new Map(plans[i]!.map((r) => [r.cookie, r.length])), false);
-        assert.equal(replies.size, READS);
-        for (const r of plans[i]!) assert.ok(replies.get(r.cookie)!.equals(data.subarray(r.offset, r.offset + r.length)), `client ${i} read ${r.cookie}`);
-      });
-    } finally {
-      for (const c of clients) c.socket.destroy();
-      await server.close();
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
-  });
+    });
+  }
 });
 
 describe('large reads by sendfile', () => {
