@@ -35,14 +35,16 @@ const free: Buffer[] = [];
 const blocks = new WeakSet<ArrayBufferLike>();
 
 export class ReplySpace {
-  /** Blocks taken since the last recycle(); the last is the one being filled. */
+  /** Blocks taken since the last recycle(), #block among them. */
   #held: Buffer[] = [];
+  /** The block being filled, and how much of it is handed out. */
+  #block: Buffer | undefined;
   #used = 0;
 
   /** `length` bytes right after the last ones handed out, or undefined above REPLY_SPACE_MAX. */
   take(length: number): Buffer | undefined {
     if (length > REPLY_SPACE_MAX) return undefined;
-    let block = this.#held.length === 0 ? undefined : this.#held[this.#held.length - 1];
+    let block = this.#block;
     if (block === undefined || this.#used + length > BLOCK_BYTES) {
       block = free.pop();
       if (block === undefined) {
@@ -51,6 +53,7 @@ export class ReplySpace {
       }
       if (this.#held.length === HELD_MAX) this.#held.shift();
       this.#held.push(block);
+      this.#block = block;
       this.#used = 0;
     }
     const space = block.subarray(this.#used, this.#used + length);
@@ -60,7 +63,7 @@ export class ReplySpace {
 
   /** Hand back the space take() gave last, when it went unused. */
   giveBack(space: Buffer): void {
-    const block = this.#held.length === 0 ? undefined : this.#held[this.#held.length - 1];
+    const block = this.#block;
     if (block !== undefined && space.buffer === block.buffer && space.byteOffset + space.length === this.#used) this.#used = space.byteOffset;
   }
 
@@ -78,6 +81,7 @@ export class ReplySpace {
     if (held.length === 0) return;
     for (const block of held) if (free.length < FREE_MAX) free.push(block);
     held.length = 0;
+    this.#block = undefined;
     this.#used = 0;
   }
 }
