@@ -22,7 +22,13 @@ test('qemu-nbd defaults', () => {
   assert.equal(c.detectZeroes, 'off');
   assert.equal(c.cache, 'writeback');
   assert.equal(c.handshakeLimitSeconds, 10);
+  assert.equal(c.loopbackReno, true);
   assert.equal(c.logLevel, 'warn');
+});
+
+test('--no-loopback-reno keeps the system congestion control', () => {
+  assert.equal(parse('--no-loopback-reno', 'img').loopbackReno, false);
+  assert.equal(parse('--loopback-reno=false', 'img').loopbackReno, false);
 });
 
 test('short and long flags', () => {

@@ -41,6 +41,8 @@ export interface Config {
   cache: CacheMode;
   pidFile: string | undefined;
   handshakeLimitSeconds: number;
+  /** --loopback-reno: see src/server/loopback-tcp.ts. */
+  loopbackReno: boolean;
   shutdownTimeoutSeconds: number;
   printUri: boolean;
   logLevel: LogLevel;
@@ -92,6 +94,7 @@ function parser(argv: string[]) {
     .option('cache', { type: 'string', default: 'writeback', describe: 'none|writeback|writethrough|directsync|unsafe' })
     .option('nocache', { alias: 'n', type: 'boolean', default: false, describe: 'same as --cache=none' })
     .option('handshake-limit', { type: 'string', default: '10', describe: 'drop clients that have not finished negotiating after SECONDS (0 = never)' })
+    .option('loopback-reno', { type: 'boolean', default: true, describe: 'TCP clients on this machine use reno instead of a pacing congestion control (bbr); --no-loopback-reno keeps the system\'s' })
     .option('shutdown-timeout', { type: 'string', default: '5', describe: 'on SIGTERM/SIGINT, wait at most SECONDS for requests in flight' })
     .option('pid-file', { type: 'string', describe: 'write the server pid here; removed at exit' })
     .option('print-uri', { type: 'boolean', default: false, describe: 'print the NBD URI on stdout once listening' })
@@ -203,6 +206,7 @@ export function parseArgs(argv: string[]): Config | null {
     cache,
     pidFile: args['pid-file'],
     handshakeLimitSeconds: parseInteger(args['handshake-limit'], '--handshake-limit', 0, 86400),
+    loopbackReno: args['loopback-reno'],
     shutdownTimeoutSeconds: parseInteger(args['shutdown-timeout'], '--shutdown-timeout', 0, 86400),
     printUri: args['print-uri'],
     logLevel: args.quiet ? 'error' : args.verbose >= 2 ? 'debug' : args.verbose === 1 ? 'info' : 'warn',

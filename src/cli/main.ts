@@ -193,6 +193,7 @@ async function serve(
     maxConnections: config.shared,
     persistent: config.persistent,
     handshakeLimitMs: config.handshakeLimitSeconds * 1000,
+    loopbackReno: config.loopbackReno,
     log,
     // NBD_EXPORT_NET_SOCKETS=1 keeps net.Socket for every client (see src/server/wire.ts).
     rawSockets: process.env.NBD_EXPORT_NET_SOCKETS !== '1',

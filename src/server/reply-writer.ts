@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import type { FileSlice } from '../exports/export.ts';
 import { inReplySpace } from './reply-space.ts';
 import { sendFile, sendfileAvailable, setSendBuffer } from './sendfile.ts';
-import { Wire, type ClientSocket } from './wire.ts';
+import { socketFd, type ClientSocket } from './wire.ts';
 
 export type ReplyPart = Buffer | FileSlice;
 
@@ -34,14 +34,6 @@ interface Batch {
   /** ...and how many of its bytes have gone already (slices go in pieces). */
   sent: number;
   readonly done: (() => void)[];
-}
-
-/** The fd under a Wire or net.Socket, or -1 (no handle, not a file descriptor, or TLS: its bytes are not the file's). */
-function socketFd(socket: ClientSocket): number {
-  if (socket instanceof Wire) return socket.fd;
-  if ((socket as { encrypted?: boolean }).encrypted === true) return -1;
-  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
-  return typeof fd === 'number' && fd >= 0 ? fd : -1;
 }
 
 export class ReplyWriter {

@@ -1,5 +1,5 @@
-// sendfile(2) from a file into a connected socket, through koffi (Node has
-// no sendfile). From a page-cache file into a Unix or TCP socket the kernel
+// sendfile(2) from a file into a connected socket, and the socket options
+// Node does not offer, through koffi (Node has no sendfile). From a page-cache file into a Unix or TCP socket the kernel
 // hands the socket references to the cached pages instead of copying them
 // (Linux 6.5+: MSG_SPLICE_PAGES), so a large read reply costs neither a
 // copy into our buffer nor one out of it. Loaded on first use; where koffi
@@ -13,6 +13,7 @@ interface Lib {
   koffi: typeof KoffiModule;
   sendfile: Fn;
   setsockopt: Fn;
+  getsockopt: Fn;
 }
 
 let lib: Lib | null | undefined;
@@ -29,6 +30,7 @@ function load(): Lib | null {
       // The offset pointer is an in-out 64-bit word; we pass our own each call.
       sendfile: libc.func('int64_t sendfile(int out_fd, int in_fd, int64_t *offset, size_t count)'),
       setsockopt: libc.func('int setsockopt(int fd, int level, int name, const void *value, uint32_t length)'),
+      getsockopt: libc.func('int getsockopt(int fd, int level, int name, _Out_ uint8_t *value, _Inout_ uint32_t *length)'),
     };
   } catch {
     lib = null;
@@ -83,4 +85,34 @@ export function setSendBuffer(socketFd: number, bytes: number): boolean {
   if (l === null) return false;
   optionWord[0] = bytes;
   return Number(l.setsockopt(socketFd, SOL_SOCKET, SO_SNDBUF, optionWord, 4)) === 0;
+}
+
+const IPPROTO_TCP = 6;
+const TCP_CONGESTION = 13;
+/** TCP_CA_NAME_MAX: a congestion control's name, NUL included, fits in this. */
+const CA_NAME_MAX = 16;
+const nameBuffer = Buffer.alloc(CA_NAME_MAX);
+const lengthWord = new Uint32Array(1);
+
+/** The TCP congestion control of a socket ("cubic", "bbr"...), or null when it cannot be read. */
+export function congestionControl(socketFd: number): string | null {
+  const l = load();
+  if (l === null) return null;
+  nameBuffer.fill(0);
+  lengthWord[0] = CA_NAME_MAX;
+  if (Number(l.getsockopt(socketFd, IPPROTO_TCP, TCP_CONGESTION, nameBuffer, lengthWord)) !== 0) return null;
+  const end = nameBuffer.indexOf(0);
+  return nameBuffer.toString('latin1', 0, end < 0 ? Math.min(lengthWord[0]!, CA_NAME_MAX) : end);
+}
+
+/**
+ * Set a socket's TCP congestion control. False when it could not be set
+ * (not loaded, or not allowed: net.ipv4.tcp_allowed_congestion_control
+ * bounds what an unprivileged process may pick; "reno" is always allowed).
+ */
+export function setCongestionControl(socketFd: number, name: string): boolean {
+  const l = load();
+  if (l === null) return false;
+  const value = Buffer.from(name, 'latin1');
+  return Number(l.setsockopt(socketFd, IPPROTO_TCP, TCP_CONGESTION, value, value.length)) === 0;
 }

@@ -13,7 +13,8 @@ import { silentLogger, type Logger } from './log.ts';
 import { ByteBudget } from './budget.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { acceptThrough, readThrough, SocketReader } from './socket-reader.ts';
-import type { ClientSocket } from './wire.ts';
+import { socketFd, type ClientSocket } from './wire.ts';
+import { unpaceLoopback } from './loopback-tcp.ts';
 
 /**
  * Eight maximum payloads (32 MiB each): with only two, a few clients asking
@@ -72,6 +73,11 @@ export interface ServerOptions {
    * this Node does not allow it.
    */
   rawSockets?: boolean;
+  /**
+   * TCP clients on this machine whose congestion control paces (BBR) get
+   * "reno" instead (default true; see loopback-tcp.ts).
+   */
+  loopbackReno?: boolean;
 }
 
 export interface ServerEvents {
@@ -89,6 +95,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
   readonly #maxConnections: number;
   readonly #socketReader: boolean;
   readonly #rawSockets: boolean;
+  readonly #loopbackReno: boolean;
   readonly #persistent: boolean;
   readonly #maxWaiting: number;
   readonly #listeners: net.Server[] = [];
@@ -112,6 +119,7 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
     this.#maxConnections = opts.maxConnections;
     this.#socketReader = opts.socketReader ?? true;
     this.#rawSockets = opts.rawSockets ?? true;
+    this.#loopbackReno = opts.loopbackReno ?? true;
     this.#persistent = opts.persistent;
     this.#maxWaiting = opts.maxWaiting ?? 1024;
   }
@@ -169,6 +177,10 @@ export class NbdServer extends EventEmitter<ServerEvents> implements ConnectionO
   #accept(socket: ClientSocket, reader?: SocketReader): void {
     socket.on('error', () => {}); // reported by the connection once it has one
     const transport: Transport = socket.remoteAddress === undefined ? 'unix' : 'tcp';
+    if (transport === 'tcp' && this.#loopbackReno) {
+      const was = unpaceLoopback(socketFd(socket), socket.remoteAddress);
+      if (was !== null && this.log.debugEnabled) this.log.debug(`loopback client ${socket.remoteAddress}:${socket.remotePort}: congestion control ${was} -> reno`);
+    }
     if (channels.accepted.hasSubscribers) channels.accepted.publish({ transport });
     if (this.#closing) {
       if (channels.refused.hasSubscribers) channels.refused.publish({ conn: undefined, reason: 'shutdown' });

@@ -139,6 +139,14 @@ function onWriteComplete(this: WriteReq, status: number): void {
   this.wire.writeCompleted(this, status);
 }
 
+/** The fd under a Wire or net.Socket, or -1 (no handle, not a file descriptor, or TLS: its bytes are not the file's). */
+export function socketFd(socket: ClientSocket): number {
+  if (socket instanceof Wire) return socket.fd;
+  if ((socket as { encrypted?: boolean }).encrypted === true) return -1;
+  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : -1;
+}
+
 function onShutdownComplete(this: ShutdownReq): void {
   // Whatever the outcome, the sending side is done: destroySoon's close follows.
   this.wire.shutdownCompleted();
