@@ -470,6 +470,40 @@ describe('writeNow (small writes on the caller\'s thread)', () => {
     }
   });
 
+  test('a write that blocks the event loop sends the next ones to the pool, and says so through warn', t, async (ctx) => {
+    const disk = tempFile(64 * 1024);
+    const fd = fs.openSync(disk, 'r');
+    const onTmpfs = filesystemType(fd) === TMPFS_MAGIC;
+    fs.closeSync(fd);
+    if (onTmpfs) return ctx.skip('the temporary directory is on tmpfs, where writes are never timed');
+    const warnings: string[] = [];
+    const node = await openBlockNode({ kind: 'file', path: disk, format: 'raw', warn: (m) => warnings.push(m) });
+    const writeSync = fs.writeSync;
+    try {
+      // One write the kernel holds for 60 ms, asleep as dirty-page
+      // throttling would keep it (a busy wait could count as waiting for a CPU).
+      let stall = true;
+      fs.writeSync = ((...args: Parameters<typeof fs.writeSync>) => {
+        if (stall) {
+          stall = false;
+          Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 60);
+        }
+        return writeSync(...args);
+      }) as typeof fs.writeSync;
+      assert.equal(node.writeNow!(0, Buffer.alloc(4096, 7)), true, 'the slow write itself is done');
+      assert.equal(warnings.length, 1);
+      const held = new RegExp(`a write into ${disk} held the event loop for (\\d+\\.\\d) ms in the kernel.*thread pool for the next 1 s`).exec(warnings[0]!);
+      assert.ok(held !== null, warnings[0]);
+      assert.ok(Number(held[1]) >= 20 && Number(held[1]) < 1000, warnings[0]);
+      assert.equal(node.writeNow!(4096, Buffer.alloc(4096, 8)), false, 'the next write goes to the pool');
+      await node.write(4096, Buffer.alloc(4096, 8));
+      assert.ok((await node.read(0, 8192)).equals(Buffer.concat([Buffer.alloc(4096, 7), Buffer.alloc(4096, 8)])));
+    } finally {
+      fs.writeSync = writeSync;
+      await node.close();
+    }
+  });
+
   test('CheckedNode passes it through only for a plain write; everything else takes write()', t, async (ctx) => {
     if (shmDir === undefined) return ctx.skip('no /dev/shm');
     const p = path.join(shmDir, `img-${counter++}`);

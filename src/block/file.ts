@@ -37,6 +37,7 @@ import {
 } from './ffi.ts';
 import { DataMap } from './data-map.ts';
 import { LoopWriteGuard } from './loop-write-guard.ts';
+import { RunDelayClock } from './run-delay.ts';
 import { RangeLock } from './range-lock.ts';
 import type { BlockCapabilities, BlockNode, DiscardMode, Extent, FileSlice, WriteOptions, ZeroOptions } from './types.ts';
 import { BlockError } from './types.ts';
@@ -60,7 +61,12 @@ export interface FileNodeOptions {
   direct?: boolean;
   /** 'unmap': trim punches holes, and zeroing without noHole may too. 'ignore' (default): trim does nothing. */
   discard?: DiscardMode;
+  /** Told when buffered writes leave the event loop for a while (see LoopWriteGuard). */
+  warn?: (message: string) => void;
 }
+
+/** Run delay of the event loop's thread, for the LoopWriteGuard of every file (writeNow runs there). */
+const runDelay = new RunDelayClock();
 
 let sharedZeroes: Buffer | undefined;
 function zeroes(): Buffer {
@@ -160,7 +166,7 @@ export class FileNode implements BlockNode {
   /** How small buffered I/O may skip the thread pool (see FastIo). */
   #fastIo: FastIo;
   /** When buffered writes into a disk file may run on the caller's thread (writeNow). */
-  readonly #loopWrites = new LoopWriteGuard();
+  readonly #loopWrites: LoopWriteGuard;
   #closing: Promise<void> | undefined;
   /** File slices handed out and not yet released: the fd stays open for them. */
   #slices = 0;
@@ -176,8 +182,16 @@ export class FileNode implements BlockNode {
     readOnly: boolean;
     blockDevice: boolean;
     discard: DiscardMode;
+    warn: ((message: string) => void) | undefined;
   }) {
     this.path = init.path;
+    const warn = init.warn;
+    this.#loopWrites = new LoopWriteGuard(
+      warn === undefined
+        ? undefined
+        : (spellMs, blockedMs, waitedMs) =>
+            warn(`a write into ${init.path} held the event loop for ${blockedMs.toFixed(1)} ms in the kernel (dirty-page throttling or a journal commit, most likely${waitedMs >= 0.05 ? `; ${waitedMs.toFixed(1)} ms more waiting for a CPU` : ''}); writes go through the thread pool for the next ${spellMs / 1000} s`),
+    );
     this.#fd = init.fd;
     this.#tailFd = init.tailFd;
     this.size = init.size;
@@ -243,7 +257,7 @@ export class FileNode implements BlockNode {
         throw new BlockError('EINVAL', `offset ${base} is past the end of the image (${fileSize} bytes)`);
       }
       if (direct && fileSize % DIRECT_ALIGN !== 0) tailFd = await openFd(opts.path, access);
-      return new FileNode({ path: opts.path, fd, tailFd, size: fileSize - base, base, direct, readOnly, blockDevice, discard });
+      return new FileNode({ path: opts.path, fd, tailFd, size: fileSize - base, base, direct, readOnly, blockDevice, discard, warn: opts.warn });
     } catch (err) {
       await closeFd(fd).catch(() => {});
       if (tailFd !== null) await closeFd(tailFd).catch(() => {});
@@ -475,10 +489,12 @@ export class FileNode implements BlockNode {
       }
       const start = performance.now();
       if (!this.#loopWrites.allows(start)) return false;
+      runDelay.mark(start);
       try {
         this.#writeNow(data, this.#base + offset);
       } finally {
-        this.#loopWrites.took(start, performance.now() - start, data.length);
+        const end = performance.now();
+        this.#loopWrites.took(start, end - start, data.length, () => runDelay.waitedSinceMark(end));
       }
     } catch (err) {
       throw toBlockError(err);
@@ -489,6 +505,11 @@ export class FileNode implements BlockNode {
   /** Slow writes seen on the caller's thread (see LoopWriteGuard). */
   get slowLoopWrites(): number {
     return this.#loopWrites.slowWrites;
+  }
+
+  /** Times writes were sent to the thread pool for a while (see LoopWriteGuard). */
+  get loopWriteSpells(): number {
+    return this.#loopWrites.spells;
   }
 
   /** Write data at file position p (no FUA). */

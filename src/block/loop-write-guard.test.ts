@@ -44,3 +44,43 @@ test('LoopWriteGuard: two slow writes within a second, or one very slow, send wr
   assert.equal(g.allows(later + 30 + 1_000), true, 'after a quiet minute the spell is 1 s again');
   assert.equal(g.slowWrites, 14);
 });
+
+test('LoopWriteGuard: each spell in the pool is told, with its length and the write that started it', t, () => {
+  const told: [number, number][] = [];
+  const g = new LoopWriteGuard((spellMs, blockedMs) => told.push([spellMs, blockedMs]));
+  g.took(100, 5, K128); // lone: no spell
+  assert.deepEqual(told, []);
+  g.took(300, 10, K128);
+  g.took(1_400, 30, K128);
+  assert.deepEqual(told, [
+    [1_000, 10],
+    [2_000, 30],
+  ]);
+  assert.equal(g.spells, 2);
+  assert.equal(g.slowWrites, 3);
+});
+
+test('LoopWriteGuard: time spent waiting for a CPU is not the kernel blocking the write', t, () => {
+  const told: [number, number][] = [];
+  const g = new LoopWriteGuard((spellMs, blockedMs) => told.push([spellMs, blockedMs]));
+  let asked = 0;
+  const waited = (ms: number) => () => {
+    asked++;
+    return ms;
+  };
+  g.took(0, 0.05, 4096, waited(0));
+  assert.equal(asked, 0, 'a quick write does not read the run delay');
+  // Descheduled for 4 ms of a 4.1 ms write, twice within a second, then once for 30 ms.
+  g.took(100, 4.1, 4096, waited(4));
+  g.took(300, 4.1, 4096, waited(3.5));
+  g.took(500, 31, 4096, waited(30));
+  assert.equal(asked, 3);
+  assert.equal(g.slowWrites, 0);
+  assert.equal(g.allows(600), true);
+  // Blocked in the kernel beyond what it waited for a CPU: slow, and a pair sends writes to the pool.
+  g.took(1_000, 9, 4096, waited(3));
+  g.took(1_200, 9, 4096, waited(3));
+  assert.equal(g.slowWrites, 2);
+  assert.equal(g.allows(1_209), false);
+  assert.deepEqual(told, [[1_000, 6]]);
+});

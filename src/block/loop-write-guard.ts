@@ -12,6 +12,14 @@
 // a second are slow, or one is very slow, writes go to the thread pool for
 // a spell, which doubles while that keeps happening and starts short again
 // after a quiet minute.
+//
+// Time the thread spent waiting for a CPU during a write (its run delay,
+// see run-delay.ts) is not the kernel blocking it, and the pool would not
+// help: on a machine whose cores are all busy every write waits a slice of
+// a few ms now and then. Counted as slow, that sent 4 KiB writes to the
+// pool in ever longer spells, at twice their CPU, while the machine was
+// short of CPU (bench/README.md, `s13`). So a slow write's run delay is
+// taken off its time first.
 
 /** Slow = more than this... */
 const SLOW_BASE_MS = 2;
@@ -27,6 +35,8 @@ const LONGEST_SPELL_MS = 64_000;
 const FORGIVE_MS = 60_000;
 
 export class LoopWriteGuard {
+  /** Told when writes go to the pool: for how long, how long the kernel held the write that sent them, and how long it waited for a CPU besides. */
+  readonly #onSpell: ((spellMs: number, blockedMs: number, waitedMs: number) => void) | undefined;
   /** No writes on the event loop before this time (performance.now()). */
   #poolUntil = 0;
   #spell = FIRST_SPELL_MS;
@@ -36,22 +46,37 @@ export class LoopWriteGuard {
   #lastSpell = -Infinity;
   /** Slow writes seen, for tests and diagnostics. */
   slowWrites = 0;
+  /** Times writes were sent to the pool. */
+  spells = 0;
+
+  constructor(onSpell?: (spellMs: number, blockedMs: number, waitedMs: number) => void) {
+    this.#onSpell = onSpell;
+  }
 
   /** May a write start on the event loop at `now`? */
   allows(now: number): boolean {
     return now >= this.#poolUntil;
   }
 
-  /** A write of `bytes` that began at `start` took `ms`. */
-  took(start: number, ms: number, bytes: number): void {
-    if (ms <= SLOW_BASE_MS + bytes / SLOW_BYTES_PER_MS) return;
+  /**
+   * A write of `bytes` that began at `start` took `ms`. `waited`, asked
+   * only when the write looks slow, says how much of that the thread spent
+   * waiting for a CPU.
+   */
+  took(start: number, ms: number, bytes: number, waited?: () => number): void {
+    const slow = SLOW_BASE_MS + bytes / SLOW_BYTES_PER_MS;
+    if (ms <= slow) return;
     const end = start + ms;
+    const blocked = waited === undefined ? ms : ms - waited();
+    if (blocked <= slow) return;
     this.slowWrites++;
     const pair = end - this.#lastSlow <= SLOW_PAIR_MS;
     this.#lastSlow = end;
-    if (!pair && ms < VERY_SLOW_MS) return;
+    if (!pair && blocked < VERY_SLOW_MS) return;
     this.#spell = end - this.#lastSpell > FORGIVE_MS ? FIRST_SPELL_MS : Math.min(this.#spell * 2, LONGEST_SPELL_MS);
     this.#lastSpell = end;
     this.#poolUntil = end + this.#spell;
+    this.spells++;
+    this.#onSpell?.(this.#spell, blocked, ms - blocked);
   }
 }

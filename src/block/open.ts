@@ -14,6 +14,8 @@ export interface CommonNodeSpec {
   discard?: DiscardMode;
   /** Default 'off'. */
   detectZeroes?: DetectZeroesMode;
+  /** Told about trouble the backend works around (a lost Redis connection, file writes sent off the event loop). */
+  warn?: (message: string) => void;
 }
 
 export interface FileNodeSpec extends CommonNodeSpec {
@@ -42,8 +44,6 @@ export interface RedisNodeSpec extends CommonNodeSpec {
   target: RedisTarget;
   /** Create the disk with this size when it does not exist yet. */
   size?: number;
-  /** Told about lost and restored Redis connections. */
-  warn?: (message: string) => void;
 }
 
 export type BlockNodeSpec = FileNodeSpec | MemoryNodeSpec | RedisNodeSpec;
@@ -73,6 +73,7 @@ export async function openBlockNode(spec: BlockNodeSpec): Promise<CheckedNode> {
           direct: usesDirectIo(spec.cache),
           discard,
           keepAutoclear: spec.keepAutoclear,
+          warn: spec.warn,
         });
   return new CheckedNode(inner, {
     readOnly: spec.readOnly ?? false,

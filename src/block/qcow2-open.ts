@@ -39,6 +39,8 @@ export interface ImageOpenOptions {
    * top image leaves them set instead of clearing them at its first write.
    */
   keepAutoclear?: bigint;
+  /** Told when buffered writes leave the event loop for a while (see LoopWriteGuard). */
+  warn?: (message: string) => void;
 }
 
 /** Open an image file as a BlockNode (not yet wrapped in a CheckedNode). */
@@ -53,6 +55,7 @@ export async function openImage(opts: ImageOpenOptions): Promise<BlockNode> {
     seen: new Set(),
     depth: 0,
     keepAutoclear: opts.keepAutoclear ?? 0n,
+    warn: opts.warn,
   });
   if (!snapshot) return node;
   try {
@@ -75,11 +78,13 @@ interface LayerOptions {
   depth: number;
   /** Only for the top image (see ImageOpenOptions). */
   keepAutoclear?: bigint;
+  /** Only for the top image: backing files are read-only. */
+  warn?: (message: string) => void;
 }
 
 async function openLayer(file: string, o: LayerOptions): Promise<BlockNode> {
   if (o.depth > MAX_CHAIN_DEPTH) throw unsupported(`backing chain is deeper than ${MAX_CHAIN_DEPTH} images`);
-  const fnode = await FileNode.open({ path: file, readOnly: o.readOnly, offset: o.offset, direct: o.direct, discard: o.discard });
+  const fnode = await FileNode.open({ path: file, readOnly: o.readOnly, offset: o.offset, direct: o.direct, discard: o.discard, warn: o.warn });
   try {
     let real = file;
     try {

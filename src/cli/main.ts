@@ -70,6 +70,7 @@ async function openImage(config: Config, log?: Logger): Promise<BlockNode> {
     cache: config.cache,
     discard: config.discard,
     detectZeroes: config.detectZeroes,
+    warn: (m: string) => log?.warn(m),
   };
   if (config.image.kind === 'memory') {
     return openBlockNode({ kind: 'memory', size: config.image.size, ...common });
@@ -77,7 +78,7 @@ async function openImage(config: Config, log?: Logger): Promise<BlockNode> {
   if (config.image.kind === 'redis') {
     const { target, size } = config.image;
     try {
-      return await openBlockNode({ kind: 'redis', target, size, warn: (m) => log?.warn(m), ...common });
+      return await openBlockNode({ kind: 'redis', target, size, ...common });
     } catch (err) {
       throw new StartError(`cannot open '${config.imageName}': ${err instanceof Error ? err.message : String(err)}`);
     }
