@@ -531,6 +531,11 @@ function treeRss(inst: Instance): number {
   return statusKiB(inst.pid, 'VmRSS') + (inst.def.tree ? descendants(inst.pid).reduce((a, p) => a + statusKiB(p, 'VmRSS'), 0) : 0);
 }
 
+/** A small system file's content, trimmed, or undefined when it cannot be read. */
+function readTrimmed(file: string): string | undefined {
+  try { return fs.readFileSync(file, 'utf8').trim(); } catch { return undefined; }
+}
+
 function readTail(file: string): string {
   try { return fs.readFileSync(file, 'utf8').slice(-800); } catch { return ''; }
 }
@@ -919,6 +924,8 @@ async function main(): Promise<void> {
     cpu: os.cpus()[0]?.model,
     memTotalGiB: +(os.totalmem() / 2 ** 30).toFixed(1),
     kernel: os.release(),
+    // The system's default for TCP sockets; nbd-export moves loopback clients off bbr (--no-loopback-reno keeps it).
+    tcpCongestionControl: readTrimmed('/proc/sys/net/ipv4/tcp_congestion_control'),
     node: process.version,
     versions: {
       'qemu-nbd': version('qemu-nbd', ['--version']),
@@ -941,6 +948,7 @@ async function main(): Promise<void> {
     fs.writeFileSync(outFile, JSON.stringify(results, null, 1));
   };
 
+  log(`TCP congestion control (system default): ${meta.tcpCongestionControl ?? 'unknown'}`);
   log(`base image: ${imageSize} bytes of random data in ${shmDir}`);
   const baseImage = path.join(shmDir, 'base.img');
   {
