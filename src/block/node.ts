@@ -96,6 +96,10 @@ export class ForwardingNode implements BlockNode {
     return this.inner.capabilities;
   }
 
+  get loopWriteSpells(): number | undefined {
+    return this.inner.loopWriteSpells;
+  }
+
   read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     return this.inner.read(offset, length, into);
   }
@@ -155,6 +159,10 @@ export class CheckedNode implements BlockNode {
   readonly discard: DiscardMode;
   readonly #inner: BlockNode;
   #closed = false;
+
+  get loopWriteSpells(): number | undefined {
+    return this.#inner.loopWriteSpells;
+  }
 
   constructor(inner: BlockNode, opts: CheckedNodeOptions = {}) {
     this.#inner = inner;

@@ -123,6 +123,12 @@ export interface BlockNode {
    */
   fileSlice?(offset: number, length: number): FileSlice | null;
   /**
+   * Times writes on the caller's thread were sent to the thread pool for a
+   * spell because the kernel held one (see LoopWriteGuard). Optional: only
+   * nodes that time their writes have it; wrappers pass it through.
+   */
+  readonly loopWriteSpells?: number;
+  /**
    * The bytes a read of [offset, offset+length) would return, as views of
    * this node's own memory, for a caller that sends them without copying
    * them (a large read reply): runs in order that cover the range, each a

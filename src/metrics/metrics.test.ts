@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE, NBD_EINVAL, NBD_EIO, NBD_ENOSPC } from '../protocol/constants.ts';
@@ -9,6 +10,7 @@ import { startMetricsEndpoint } from './http.ts';
 import { DURATION_BUCKETS, NbdMetrics, type MetricsSource } from './metrics.ts';
 import { serverSource } from './source.ts';
 import { MemoryNode } from '../block/memory.ts';
+import { openBlockNode } from '../block/open.ts';
 import { Export, type BitmapStat } from '../exports/export.ts';
 import { ExportRegistry } from '../exports/registry.ts';
 
@@ -210,6 +212,43 @@ describe('serverSource: the export registry and the server, as scraped', () => {
       assert.equal(s.has('nbd_dirty_bitmap_dirty_bytes{export="disk",bitmap="b0"}'), false);
       assert.equal(s.get('nbd_dirty_bitmap_dirty_bytes{export="disk",bitmap="b1"}'), 512);
     });
+  });
+});
+
+describe('serverSource: writes sent off the event loop', () => {
+  test('a file export counts its spells in the thread pool as nbd_loop_write_spells_total{export}; a memory export has none', async (ctx) => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-metrics-'));
+    const file = path.join(dir, 'disk.img');
+    fs.writeFileSync(file, Buffer.alloc(65536));
+    const writeSync = fs.writeSync;
+    const node = await openBlockNode({ kind: 'file', path: file, format: 'raw' });
+    try {
+      if (node.writeNow?.(0, Buffer.alloc(512, 1)) !== true) return ctx.skip('writes into this file are never timed (tmpfs)');
+      const exports = new ExportRegistry();
+      exports.add(new Export({ name: 'disk', node, multiConn: true }));
+      exports.add(new Export({ name: 'ram', node: new MemoryNode(4096), multiConn: true }));
+      await withMetrics(serverSource(exports, () => undefined), async (m) => {
+        let s = samples(await m.text());
+        assert.equal(s.get('nbd_loop_write_spells_total{export="disk"}'), 0);
+        assert.equal(s.has('nbd_loop_write_spells_total{export="ram"}'), false);
+        // One write the kernel holds for 60 ms, asleep (see file.test.ts).
+        let stall = true;
+        fs.writeSync = ((...args: Parameters<typeof fs.writeSync>) => {
+          if (stall) {
+            stall = false;
+            Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 60);
+          }
+          return writeSync(...args);
+        }) as typeof fs.writeSync;
+        assert.equal(node.writeNow!(0, Buffer.alloc(512, 2)), true);
+        s = samples(await m.text());
+        assert.equal(s.get('nbd_loop_write_spells_total{export="disk"}'), 1);
+      });
+    } finally {
+      fs.writeSync = writeSync;
+      await node.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 

@@ -15,7 +15,8 @@ import { CollectedHistogram, type HistogramSeries } from './histogram.ts';
 
 /** What the metrics read from the server when scraped. */
 export interface MetricsSource {
-  exports(): Iterable<{ name: string; size: number }>;
+  /** `loopWriteSpells`: see BlockNode.loopWriteSpells; absent where the backend does not time its writes. */
+  exports(): Iterable<{ name: string; size: number; loopWriteSpells?: number | undefined }>;
   /** Every connection; `export` is undefined while it negotiates. */
   connections(): Iterable<{ export: string | undefined; inflight: number }>;
   /** Clients waiting for a connection slot. */
@@ -216,6 +217,16 @@ export class NbdMetrics {
       collect() {
         this.reset();
         for (const e of source.exports()) this.set({ export: e.name }, e.size);
+      },
+    });
+    new Counter({
+      name: 'nbd_loop_write_spells_total',
+      help: 'Times buffered writes into an export\'s file went to the thread pool for a while because the kernel held one on the event loop (dirty-page throttling, a journal commit)',
+      labelNames: ['export'],
+      registers,
+      collect() {
+        this.reset();
+        for (const e of source.exports()) if (e.loopWriteSpells !== undefined) this.inc({ export: e.name }, e.loopWriteSpells);
       },
     });
     new Gauge({

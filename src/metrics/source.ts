@@ -18,7 +18,7 @@ export interface ServerView {
 export function serverSource(exports: ExportList, server: () => ServerView | undefined): MetricsSource {
   return {
     exports: function* () {
-      for (const e of exports.list()) yield { name: e.name, size: e.size };
+      for (const e of exports.list()) yield { name: e.name, size: e.size, loopWriteSpells: e.node.loopWriteSpells };
     },
     connections: function* () {
       for (const c of server()?.connections ?? []) yield { export: c.session?.export.name, inflight: c.inflight };
