@@ -7,6 +7,7 @@ import { pattern, runConformance } from './conformance.ts';
 import { DIRECT_ALIGN, FileNode } from './file.ts';
 import { bufferAddress, cachedFully, fallocate, filesystemType, preadNowait, seek, SEEK_DATA, setFfiEnabled, TMPFS_MAGIC } from './ffi.ts';
 import { openBlockNode } from './open.ts';
+import { stallNextWrite } from './write-stall-testlib.ts';
 import { BlockError } from './types.ts';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-block-'));
@@ -478,18 +479,9 @@ describe('writeNow (small writes on the caller\'s thread)', () => {
     if (onTmpfs) return ctx.skip('the temporary directory is on tmpfs, where writes are never timed');
     const warnings: string[] = [];
     const node = await openBlockNode({ kind: 'file', path: disk, format: 'raw', warn: (m) => warnings.push(m) });
-    const writeSync = fs.writeSync;
+    // One write the kernel holds for 60 ms.
+    const unstall = stallNextWrite(60);
     try {
-      // One write the kernel holds for 60 ms, asleep as dirty-page
-      // throttling would keep it (a busy wait could count as waiting for a CPU).
-      let stall = true;
-      fs.writeSync = ((...args: Parameters<typeof fs.writeSync>) => {
-        if (stall) {
-          stall = false;
-          Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 60);
-        }
-        return writeSync(...args);
-      }) as typeof fs.writeSync;
       assert.equal(node.writeNow!(0, Buffer.alloc(4096, 7)), true, 'the slow write itself is done');
       assert.equal(warnings.length, 1);
       const held = new RegExp(`a write into ${disk} held the event loop for (\\d+\\.\\d) ms in the kernel.*thread pool for the next 1 s`).exec(warnings[0]!);
@@ -499,7 +491,7 @@ describe('writeNow (small writes on the caller\'s thread)', () => {
       await node.write(4096, Buffer.alloc(4096, 8));
       assert.ok((await node.read(0, 8192)).equals(Buffer.concat([Buffer.alloc(4096, 7), Buffer.alloc(4096, 8)])));
     } finally {
-      fs.writeSync = writeSync;
+      unstall();
       await node.close();
     }
   });

@@ -11,6 +11,7 @@ import { DURATION_BUCKETS, NbdMetrics, type MetricsSource } from './metrics.ts';
 import { serverSource } from './source.ts';
 import { MemoryNode } from '../block/memory.ts';
 import { openBlockNode } from '../block/open.ts';
+import { stallNextWrite } from '../block/write-stall-testlib.ts';
 import { Export, type BitmapStat } from '../exports/export.ts';
 import { ExportRegistry } from '../exports/registry.ts';
 
@@ -220,7 +221,7 @@ describe('serverSource: writes sent off the event loop', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-export-metrics-'));
     const file = path.join(dir, 'disk.img');
     fs.writeFileSync(file, Buffer.alloc(65536));
-    const writeSync = fs.writeSync;
+    let unstall = (): void => {};
     const node = await openBlockNode({ kind: 'file', path: file, format: 'raw' });
     try {
       if (node.writeNow?.(0, Buffer.alloc(512, 1)) !== true) return ctx.skip('writes into this file are never timed (tmpfs)');
@@ -231,21 +232,14 @@ describe('serverSource: writes sent off the event loop', () => {
         let s = samples(await m.text());
         assert.equal(s.get('nbd_loop_write_spells_total{export="disk"}'), 0);
         assert.equal(s.has('nbd_loop_write_spells_total{export="ram"}'), false);
-        // One write the kernel holds for 60 ms, asleep (see file.test.ts).
-        let stall = true;
-        fs.writeSync = ((...args: Parameters<typeof fs.writeSync>) => {
-          if (stall) {
-            stall = false;
-            Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 60);
-          }
-          return writeSync(...args);
-        }) as typeof fs.writeSync;
+        // One write the kernel holds for 60 ms.
+        unstall = stallNextWrite(60);
         assert.equal(node.writeNow!(0, Buffer.alloc(512, 2)), true);
         s = samples(await m.text());
         assert.equal(s.get('nbd_loop_write_spells_total{export="disk"}'), 1);
       });
     } finally {
-      fs.writeSync = writeSync;
+      unstall();
       await node.close();
       fs.rmSync(dir, { recursive: true, force: true });
     }
