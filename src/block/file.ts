@@ -67,6 +67,8 @@ export interface FileNodeOptions {
 
 /** Run delay of the event loop's thread, for the LoopWriteGuard of every file (writeNow runs there). */
 const runDelay = new RunDelayClock();
+/** Made once: a closure per write would be garbage on the write path. */
+const waitedForCpu = (end: number): number => runDelay.waitedSinceMark(end);
 
 let sharedZeroes: Buffer | undefined;
 function zeroes(): Buffer {
@@ -493,8 +495,7 @@ export class FileNode implements BlockNode {
       try {
         this.#writeNow(data, this.#base + offset);
       } finally {
-        const end = performance.now();
-        this.#loopWrites.took(start, end - start, data.length, () => runDelay.waitedSinceMark(end));
+        this.#loopWrites.took(start, performance.now() - start, data.length, waitedForCpu);
       }
     } catch (err) {
       throw toBlockError(err);

@@ -60,14 +60,14 @@ export class LoopWriteGuard {
 
   /**
    * A write of `bytes` that began at `start` took `ms`. `waited`, asked
-   * only when the write looks slow, says how much of that the thread spent
-   * waiting for a CPU.
+   * (with the write's end) only when the write looks slow, says how much of
+   * that the thread spent waiting for a CPU.
    */
-  took(start: number, ms: number, bytes: number, waited?: () => number): void {
+  took(start: number, ms: number, bytes: number, waited?: (end: number) => number): void {
     const slow = SLOW_BASE_MS + bytes / SLOW_BYTES_PER_MS;
     if (ms <= slow) return;
     const end = start + ms;
-    const blocked = waited === undefined ? ms : ms - waited();
+    const blocked = waited === undefined ? ms : ms - waited(end);
     if (blocked <= slow) return;
     this.slowWrites++;
     const pair = end - this.#lastSlow <= SLOW_PAIR_MS;
