@@ -284,6 +284,49 @@ function cleanupSync(): void {
   }
 }
 process.on('exit', cleanupSync);
+
+/** File in each temp dir naming the bench that made it (see sweepLeftovers). */
+const OWNER_FILE = 'bench.pid';
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Stop what a killed bench left behind. SIGKILL (a terminal or job runner
+ * that kills the whole group) gives no chance to clean up, and nbd-server,
+ * the one daemon here, forks away from the parent-death signal its launcher
+ * set, so it kept running with its image in /dev/shm. Each temp dir names
+ * its bench in OWNER_FILE; for a dir whose bench is gone, the nbd-server
+ * whose pid file lies there (checked to be an nbd-server started on that
+ * dir's config) is killed with its children, and the dir is removed.
+ */
+function sweepLeftovers(roots: string[]): void {
+  for (const root of new Set(roots)) {
+    let names: string[];
+    try { names = fs.readdirSync(root).filter((n) => n.startsWith('nbd-bench-')); } catch { continue; }
+    for (const name of names) {
+      const dir = path.join(root, name);
+      const owner = Number(readTrimmed(path.join(dir, OWNER_FILE)));
+      if (!Number.isInteger(owner) || owner <= 0 || alive(owner)) continue;
+      for (const f of fs.readdirSync(dir).filter((n) => /^nbd-server-.*\.pid$/.test(n))) {
+        const pid = Number(readTrimmed(path.join(dir, f)));
+        const cmdline = Number.isInteger(pid) && pid > 0 ? readTrimmed(`/proc/${pid}/cmdline`)?.split('\0') : undefined;
+        if (cmdline === undefined || !path.basename(cmdline[0] ?? '').startsWith('nbd-server') || !cmdline.some((a) => a.startsWith(dir + path.sep))) continue;
+        for (const k of descendants(pid)) try { process.kill(k, 'SIGKILL'); } catch { /* gone */ }
+        try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+        log(`stopped nbd-server ${pid} left by bench ${owner} (${dir})`);
+      }
+      fs.rmSync(dir, { recursive: true, force: true });
+      log(`removed ${dir}, left by bench ${owner}`);
+    }
+  }
+}
 for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
   process.on(sig, () => {
     process.stderr.write(`\n${sig}: stopping servers and removing images\n`);
@@ -863,10 +906,12 @@ const diskRoot = opt['disk-dir'] ?? '/var/tmp';
 const explicitBin = opt['nbd-export-bin'] ? path.resolve(opt['nbd-export-bin']) : undefined;
 
 async function main(): Promise<void> {
+  sweepLeftovers([shmRoot, diskRoot]);
   const shmDir = fs.mkdtempSync(path.join(shmRoot, 'nbd-bench-'));
   tempDirs.push(shmDir);
   const diskDir = storages.includes('disk') ? fs.mkdtempSync(path.join(diskRoot, 'nbd-bench-')) : shmDir;
   if (diskDir !== shmDir) tempDirs.push(diskDir);
+  for (const d of new Set([shmDir, diskDir])) fs.writeFileSync(path.join(d, OWNER_FILE), `${process.pid}\n`);
 
   // The nbd-export under test is bundled once, now, from the working tree into
   // a temp dir: a long run measures one fixed build even while src/ changes,
