@@ -16,6 +16,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
+import { median, pairedRatio, type RoundValue } from './paired.ts';
 
 const benchDir = path.dirname(fileURLToPath(import.meta.url));
 const projectRoot = path.resolve(benchDir, '..');
@@ -630,6 +631,8 @@ interface Sample {
   server: string;
   workload: string;
   rep: number;
+  /** Which of the files given to --report the sample came from (rounds pair only within one run). */
+  run?: number;
   value: number | null;
   unit: Unit;
   rssPeakKiB: number;
@@ -738,11 +741,6 @@ async function warmUp(inst: Instance, dir: string): Promise<void> {
 
 // ---------------------------------------------------------------- report
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 function fmt(v: number, unit: Unit): string {
   if (unit === 'IOPS') return v >= 10000 ? `${(v / 1000).toFixed(1)}k` : `${(v / 1000).toFixed(2)}k`;
   if (v >= 100) return v.toFixed(0);
@@ -794,6 +792,18 @@ function report(res: Results): string {
     out.push(`### ${storage === 'shm' ? 'tmpfs (/dev/shm)' : 'disk'} image, ${transport === 'unix' ? 'Unix socket' : 'TCP 127.0.0.1'}`, '');
     out.push(`median [min–max] of ${Math.max(0, ...gs.map((s) => s.rep))} runs; ratio = nbd-export median ÷ peer median (>1: nbd-export faster; "best peer" = the fastest of ${FILE_PEERS.join(', ')} on that row, named). ne = nbd-export (file), ne-mem = memory:, ne-redis = Redis backend. **Bold**: below the target (1.0 of the best peer; 0.9 of nbdkit null).`, '');
     const tail = (xs: string[]) => (xs.length ? ` ${xs.join(' | ')} |` : '');
+    /** Of `ids`, the one with the best median on `wl`. */
+    const bestOf = (ids: string[], wl: string) => {
+      let best: { id: string; st: NonNullable<ReturnType<typeof stat>> } | null = null;
+      for (const id of ids) {
+        const st = stat(id, wl);
+        if (st !== null && (best === null || st.med > best.st.med)) best = { id, st };
+      }
+      return best;
+    };
+    // the issue's targets: >= 1.0 of the best peer, >= 0.9 of nbdkit null on 4 KiB rows
+    const targetOf = (title: string) =>
+      title === 'ne ÷ best peer' || title === 'ne-mem ÷ nbdkit-memory' || (peers.length === 1 && title === `ne ÷ ${peers[0]}`) ? 1 : title.endsWith('÷ nbdkit-null') ? 0.9 : 0;
     out.push(`| workload | unit | ${servers.join(' | ')} |${tail(ratios.map((r) => r[0]))}`);
     out.push(`|---|---|${servers.map(() => '---:').join('|')}|${ratios.map(() => '---:|').join('')}`);
     for (const wl of wOrder) {
@@ -811,18 +821,35 @@ function report(res: Results): string {
       });
       const rs = ratios.map(([title, a, bs]) => {
         const x = stat(a, wl);
-        const ys = bs.map((b) => [b, stat(b, wl)] as const).filter((y) => y[1] !== null);
-        if (!x || !ys.length) return '–';
-        const best = ys.reduce((p, q) => (q[1]!.med > p[1]!.med ? q : p));
-        const ratio = x.med / best[1]!.med;
-        // the issue's targets: >= 1.0 of the best peer, >= 0.9 of nbdkit null on 4 KiB rows
-        const target = title === 'ne ÷ best peer' || title === 'ne-mem ÷ nbdkit-memory' || (peers.length === 1 && title === `ne ÷ ${peers[0]}`) ? 1 : title.endsWith('÷ nbdkit-null') ? 0.9 : 0;
-        const r = ratio < target ? `**${ratio.toFixed(2)}**` : ratio.toFixed(2);
-        return bs.length > 1 ? `${r} (${best[0]})` : r;
+        const best = bestOf(bs, wl);
+        if (!x || best === null) return '–';
+        const ratio = x.med / best.st.med;
+        const r = ratio < targetOf(title) ? `**${ratio.toFixed(2)}**` : ratio.toFixed(2);
+        return bs.length > 1 ? `${r} (${best.id})` : r;
       });
       out.push(`| ${wl} | ${w.unit} | ${cells.join(' | ')} |${tail(rs)}`);
     }
     out.push('');
+    // the same ratios, paired round by round (see paired.ts)
+    const rounds = (server: string, wl: string): RoundValue[] =>
+      gs.filter((s) => s.server === server && s.workload === wl && s.value !== null).map((s) => ({ round: `${s.run ?? 0}:${s.rep}`, value: s.value! }));
+    if (ratios.length > 0 && Math.max(0, ...gs.map((s) => s.rep)) > 1) {
+      out.push('Paired ratios: in each round every server ran once, back to back; each column\'s ratio taken round by round (a run ÷ the other server\'s run in the same round; "best peer" = the one with the best median above), then the median [min–max] of those ratios and in how many rounds the first server was at least as fast. A slow spell of the machine that hits a whole round cancels out, where the ratio of medians only averages it.', '');
+      out.push(`| workload |${tail(ratios.map((r) => r[0]))}`);
+      out.push(`|---|${ratios.map(() => '---:|').join('')}`);
+      for (const wl of wOrder) {
+        if (!gs.some((s) => s.workload === wl)) continue;
+        const rs = ratios.map(([title, a, bs]) => {
+          const best = bestOf(bs, wl);
+          const p = best === null ? null : pairedRatio(rounds(a, wl), rounds(best.id, wl));
+          if (p === null) return '–';
+          const m = p.median < targetOf(title) ? `**${p.median.toFixed(2)}**` : p.median.toFixed(2);
+          return `${m} [${p.min.toFixed(2)}–${p.max.toFixed(2)}] ${p.atLeast}/${p.rounds}`;
+        });
+        out.push(`| ${wl} |${tail(rs)}`);
+      }
+      out.push('');
+    }
     // server CPU per unit of work: what each server spends, whatever else ran
     const cpuStat = (server: string, wl: string) => {
       const v = gs.filter((s) => s.server === server && s.workload === wl && s.value !== null && typeof s.cpuPerOp === 'number').map((s) => s.cpuPerOp!);
@@ -883,7 +910,7 @@ function report(res: Results): string {
 if (opt.report) {
   // several runs (e.g. one per storage/transport group) print as one report
   const runs = opt.report.split(',').map((f) => JSON.parse(fs.readFileSync(f, 'utf8')) as Results);
-  const merged: Results = { meta: runs[0]!.meta, servers: runs.flatMap((r) => r.servers), samples: runs.flatMap((r) => r.samples) };
+  const merged: Results = { meta: runs[0]!.meta, servers: runs.flatMap((r) => r.servers), samples: runs.flatMap((r, run) => r.samples.map((s) => ({ ...s, run }))) };
   for (const r of runs) console.log(`<!-- ${r.meta.date}: ${r.meta.command} -->`);
   console.log(report(merged));
   process.exit(0);
