@@ -97,3 +97,21 @@ test('sizes', () => {
   assert.equal(formatSize(2 ** 30), '1 GiB');
   assert.equal(formatSize(1000), '1000 bytes');
 });
+
+test('--help prints the usage lines whole: no line broken inside a word or a URL', (t) => {
+  const printed: string[] = [];
+  t.mock.method(process.stdout, 'write', (s: string) => {
+    printed.push(s);
+    return true;
+  });
+  assert.equal(parseArgs(['--help']), null);
+  t.mock.reset();
+  const lines = printed.join('').split('\n');
+  // yargs wrapping at a width broke these mid-word ("Mana" / "ge dirty bitmaps").
+  for (const want of [
+    'Serve FILENAME (a raw or qcow2 disk image or block device, or memory:SIZE for a sparse',
+    'A Redis disk: redis://HOST:PORT/DB?disk=NAME, rediss://,',
+    'Manage dirty bitmaps: nbd-export bitmap --help',
+  ]) assert.ok(lines.includes(want), `missing line: ${want}`);
+  assert.ok(lines.some((l) => /^ {2}-e, --shared +clients served at once/.test(l)));
+});

@@ -108,7 +108,9 @@ function parser(argv: string[]) {
     .version(false)
     .help(false)
     .option('help', { alias: 'h', type: 'boolean', default: false, describe: 'show this help' })
-    .wrap(100)
+    // No wrapping: yargs (cliui) re-wraps the multi-line usage text across its
+    // line breaks and split it mid-word ("Mana" / "ge dirty bitmaps") at any width.
+    .wrap(null)
     .exitProcess(false)
     .fail((msg, err) => {
       throw err ?? new UsageError(msg);
