@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { BufferPool } from './buffer-pool.ts';
+import { sendfileAvailable } from './sendfile.ts';
 import { waitFor } from './test-helpers.ts';
 
 const K64 = 64 * 1024;
@@ -25,10 +26,37 @@ test('BufferPool reuses released buffers and pools nothing below 64 KiB', () => 
   assert.equal(pool.retained, 0);
 });
 
-test('BufferPool keeps no more than its limit', () => {
-  const pool = new BufferPool(2 * K64, 0);
-  cycle(pool, 3);
+test('BufferPool keeps no more than its limit, and gives back the memory of what it does not keep', () => {
+  const discarded: ArrayBufferLike[] = [];
+  const pool = new BufferPool(2 * K64, 0, (buf) => discarded.push(buf.buffer));
+  const bufs = cycle(pool, 3);
   assert.equal(pool.retained, 2 * K64);
+  assert.deepEqual(discarded, [bufs[2]!.buffer]);
+});
+
+test('a sweep gives back the memory of each buffer it lets go, and only those', () => {
+  const discarded: ArrayBufferLike[] = [];
+  const pool = new BufferPool(1 << 30, 0, (buf) => {
+    assert.equal(buf.length, buf.buffer.byteLength, 'the whole buffer, not the view a get() returned');
+    discarded.push(buf.buffer);
+  });
+  const bufs = cycle(pool, 3);
+  pool.sweep();
+  assert.deepEqual(discarded, []);
+  pool.get(K64);
+  pool.sweep();
+  assert.equal(discarded.length, 2);
+  for (const b of discarded) assert.ok(bufs.some((x) => x.buffer === b));
+});
+
+test('the pages of a buffer the pool lets go are given back: they read as zeroes', { skip: !sendfileAvailable() && 'koffi cannot load here' }, () => {
+  const pool = new BufferPool(1 << 30, 0);
+  const buf = pool.get(1024 * 1024)!.fill(0xaa);
+  pool.release(buf);
+  pool.sweep();
+  assert.equal(pool.sweep(), 1024 * 1024);
+  // madvise(MADV_DONTNEED) takes whole pages: all but the partial ones at either end.
+  assert.ok(buf.subarray(8192, buf.length - 8192).every((b) => b === 0), 'the interior pages were given back');
 });
 
 test('a sweep lets go of what no get() took since the previous sweep, and only that', () => {

@@ -7,17 +7,21 @@
 // serves small requests should not keep that memory. Every sweep lets go of
 // the buffers that no get() needed since the previous sweep, so steady
 // traffic keeps what it uses and a finished burst is let go within two sweep
-// intervals. Only a garbage collection frees that memory, and V8 ran none in
-// 30 s of an idle server after a burst, so a sweep that lets go of enough
-// runs one itself where node exposes it (bin/nbd-export passes --expose-gc).
+// intervals. Only a garbage collection frees a Buffer, and V8 ran none in
+// 30 s of an idle server after a burst, so the sweep gives the pages of what
+// it lets go back to the system itself (madvise, sendfile.ts). It used to
+// force a full collection (gc()) instead: that deoptimized about 90 hot
+// functions each time (V8 drops optimized code that refers to objects the
+// collection found dead, such as the finished connections'), and the burst
+// after every pause of a few seconds ran slow until V8 had optimized them
+// again: nbdcopy in, 4 connections, after 4 s idle: 640-690 ms of CPU per
+// GB against 470-540 (bench/README.md, session s15).
+
+import { discardPages } from './sendfile.ts';
 
 const MIN_POOLED = 64 * 1024;
 /** How often buffers unused since the last sweep are let go. */
 const SWEEP_MS = 2000;
-/** Bytes let go at one sweep that are worth a full garbage collection. */
-const COLLECT_AFTER = 4 * 1024 * 1024;
-/** `global.gc` where node runs with --expose-gc (bin/nbd-export does). */
-const collectGarbage = (globalThis as { gc?: () => void }).gc;
 
 export class BufferPool {
   readonly #free = new Map<number, Buffer[]>();
@@ -25,13 +29,18 @@ export class BufferPool {
   readonly #unused = new Map<number, number>();
   readonly #maxRetained: number;
   readonly #sweepMs: number;
+  readonly #discard: (buf: Buffer) => unknown;
   #retained = 0;
   #timer: NodeJS.Timeout | undefined;
 
-  /** `sweepMs` 0: never sweep by itself (sweep() still works). */
-  constructor(maxRetained: number, sweepMs = SWEEP_MS) {
+  /**
+   * `sweepMs` 0: never sweep by itself (sweep() still works). `discard`
+   * is given each buffer a sweep lets go of, to return its memory.
+   */
+  constructor(maxRetained: number, sweepMs = SWEEP_MS, discard: (buf: Buffer) => unknown = discardPages) {
     this.#maxRetained = maxRetained;
     this.#sweepMs = sweepMs;
+    this.#discard = discard;
   }
 
   /** Bytes held for reuse. */
@@ -55,7 +64,12 @@ export class BufferPool {
   /** Give back a buffer that get() returned, once nothing reads it any more. */
   release(buf: Buffer): void {
     const size = buf.buffer.byteLength;
-    if (size < MIN_POOLED || size !== sizeClass(size) || this.#retained + size > this.#maxRetained) return;
+    if (size < MIN_POOLED || size !== sizeClass(size)) return;
+    if (this.#retained + size > this.#maxRetained) {
+      // Garbage from now on, and V8 may not collect it for a long while.
+      this.#discard(Buffer.from(buf.buffer, 0, size));
+      return;
+    }
     let list = this.#free.get(size);
     if (list === undefined) {
       list = [];
@@ -74,7 +88,7 @@ export class BufferPool {
     for (const [size, list] of this.#free) {
       // get() pops from the end, so the front holds the longest unused.
       const n = Math.min(this.#unused.get(size) ?? 0, list.length);
-      if (n > 0) list.splice(0, n);
+      if (n > 0) for (const buf of list.splice(0, n)) this.#discard(buf);
       dropped += n * size;
       if (list.length === 0) {
         this.#free.delete(size);
@@ -90,8 +104,7 @@ export class BufferPool {
   #arm(): void {
     this.#timer = setTimeout(() => {
       this.#timer = undefined;
-      const dropped = this.sweep();
-      if (dropped >= COLLECT_AFTER) collectGarbage?.();
+      this.sweep();
       if (this.#retained > 0) this.#arm();
     }, this.#sweepMs);
     // An idle pool must not keep the process alive.

@@ -1,5 +1,6 @@
-// sendfile(2) from a file into a connected socket, and the socket options
-// Node does not offer, through koffi (Node has no sendfile). From a page-cache file into a Unix or TCP socket the kernel
+// sendfile(2) from a file into a connected socket, the socket options Node
+// does not offer, and madvise(2) for the buffer pool, through koffi (Node
+// has no sendfile). From a page-cache file into a Unix or TCP socket the kernel
 // hands the socket references to the cached pages instead of copying them
 // (Linux 6.5+: MSG_SPLICE_PAGES), so a large read reply costs neither a
 // copy into our buffer nor one out of it. Loaded on first use; where koffi
@@ -14,9 +15,12 @@ interface Lib {
   sendfile: Fn;
   setsockopt: Fn;
   getsockopt: Fn;
+  madvise: Fn;
+  pageSize: number;
 }
 
 let lib: Lib | null | undefined;
+const SC_PAGESIZE = 30;
 let enabled = process.platform === 'linux';
 
 function load(): Lib | null {
@@ -31,6 +35,8 @@ function load(): Lib | null {
       sendfile: libc.func('int64_t sendfile(int out_fd, int in_fd, int64_t *offset, size_t count)'),
       setsockopt: libc.func('int setsockopt(int fd, int level, int name, const void *value, uint32_t length)'),
       getsockopt: libc.func('int getsockopt(int fd, int level, int name, _Out_ uint8_t *value, _Inout_ uint32_t *length)'),
+      madvise: libc.func('int madvise(void *addr, size_t length, int advice)'),
+      pageSize: Number(libc.func('long sysconf(int name)')(SC_PAGESIZE)),
     };
   } catch {
     lib = null;
@@ -115,4 +121,24 @@ export function setCongestionControl(socketFd: number, name: string): boolean {
   if (l === null) return false;
   const value = Buffer.from(name, 'latin1');
   return Number(l.setsockopt(socketFd, IPPROTO_TCP, TCP_CONGESTION, value, value.length)) === 0;
+}
+
+const MADV_DONTNEED = 4;
+
+/**
+ * Give the memory of the whole pages inside `buf` back to the system
+ * (madvise MADV_DONTNEED): they read as zeroes afterwards, and cost memory
+ * again only once written. For a buffer nothing will read any more whose
+ * object the garbage collector has yet to find. False when nothing was
+ * given back (not loaded, or no whole page inside).
+ */
+export function discardPages(buf: Buffer): boolean {
+  const l = load();
+  if (l === null) return false;
+  const page = l.pageSize;
+  const address = l.koffi.address(buf) as bigint;
+  const head = Number((BigInt(page) - (address % BigInt(page))) % BigInt(page));
+  const length = Math.floor((buf.length - head) / page) * page;
+  if (length <= 0) return false;
+  return Number(l.madvise(buf.subarray(head, head + length), length, MADV_DONTNEED)) === 0;
 }
