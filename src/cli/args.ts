@@ -109,7 +109,7 @@ function parser(argv: string[]) {
     .help(false)
     .option('help', { alias: 'h', type: 'boolean', default: false, describe: 'show this help' })
     // No wrapping: yargs (cliui) re-wraps the multi-line usage text across its
-    // line breaks and split it mid-word ("Mana" / "ge dirty bitmaps") at any width.
+    // line breaks and split it mid-word ("Mana" / "ge dirty bitmaps") at 100 and 120 columns.
     .wrap(null)
     .exitProcess(false)
     .fail((msg, err) => {
