@@ -136,8 +136,8 @@ export function discardPages(buf: Buffer): boolean {
   const l = load();
   if (l === null) return false;
   const page = l.pageSize;
-  const address = l.koffi.address(buf) as bigint;
-  const head = Number((BigInt(page) - (address % BigInt(page))) % BigInt(page));
+  const misaligned = Number((l.koffi.address(buf) as bigint) % BigInt(page));
+  const head = (page - misaligned) % page;
   const length = Math.floor((buf.length - head) / page) * page;
   if (length <= 0) return false;
   return Number(l.madvise(buf.subarray(head, head + length), length, MADV_DONTNEED)) === 0;
